@@ -1,0 +1,206 @@
+"""Dataclass configs, YAML recipes and ``section.field=value`` overrides.
+
+A run is described by one :class:`RunConfig` (model + train sections). It can come from
+a preset name, a YAML recipe, and command-line overrides, applied in that order, and the
+resolved result is saved next to every run so it can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from codefoundry.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config key or value the user must fix; printed as one line by the CLI."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer hyper-parameters. Every architectural switch lives here."""
+
+    DERIVED = {"head_dim": ("dim", "n_heads"), "ffn_dim": ("dim", "mlp")}
+
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2  # GQA: n_heads % n_kv_heads == 0; 1 = MQA, n_heads = MHA
+    head_dim: int = 0  # 0 -> dim // n_heads
+    ffn_dim: int = 0  # 0 -> SwiGLU-style 8/3 * dim rounded to 64 (4 * dim for 1-matrix MLPs)
+    mlp: str = "swiglu"  # swiglu | relu2 | gelu
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | ntk | yarn
+    rope_factor: float = 1.0  # context extension factor for rope_scaling
+    rope_original_max_len: int = 0  # training context the scaling extends (0 -> max_seq_len)
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    logit_softcap: float = 0.0  # 0 = off; else logits = c * tanh(logits / c)
+    init_std: float = 0.02
+    depth_scaled_init: bool = True  # residual-output projections get std / sqrt(2 * n_layers)
+    loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never full-batch logits)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+        if self.ffn_dim == 0:
+            if self.mlp == "swiglu":
+                self.ffn_dim = 64 * round(8 * self.dim / 3 / 64) or 64
+            else:
+                self.ffn_dim = 4 * self.dim
+        if self.rope_original_max_len == 0:
+            self.rope_original_max_len = self.max_seq_len
+
+
+@dataclass
+class TrainConfig:
+    """Pretraining loop settings. ``max_steps=0`` with ``minutes>0`` sizes the run to a time budget."""
+
+    data: str = ""  # directory written by `data prepare` (holds train/ and val/)
+    out: str = "runs/default"
+    seq_len: int = 512
+    batch_size: int = 16  # rows per micro-batch (per rank)
+    grad_accum: int = 1
+    max_steps: int = 0
+    minutes: float = 0.0
+    optimizer: str = "adamw"  # adamw | muon
+    lr: float = 3e-3
+    embed_lr_ratio: float = 1.0  # embedding lr = lr * ratio
+    muon_lr: float = 0.02
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.3  # WSD: final fraction of steps spent decaying
+    min_lr_ratio: float = 0.0
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    save_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    threads: int = 0  # CPU intra-op threads; 0 = all cores
+
+
+@dataclass
+class RunConfig:
+    preset: str = "speedrun-cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _coerce(value: Any, target_type: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the dataclass field's declared type."""
+    type_name = target_type if isinstance(target_type, str) else getattr(target_type, "__name__", str(target_type))
+    try:
+        if type_name == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if type_name == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        if type_name == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {type_name}") from None
+    return value
+
+
+def update_dataclass(obj: Any, values: dict[str, Any], prefix: str) -> Any:
+    """Return a copy of ``obj`` with ``values`` applied; unknown keys are an error, never ignored.
+
+    Fields derived in ``__post_init__`` (``DERIVED``: field -> the fields it depends on) are
+    re-derived when one of their inputs changes and they are not set explicitly.
+    """
+    known = {f.name: f for f in fields(obj)}
+    merged = {name: getattr(obj, name) for name in known}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+        merged[key] = _coerce(value, known[key].type, prefix + key)
+    for derived, inputs in getattr(type(obj), "DERIVED", {}).items():
+        if derived not in values and any(k in values for k in inputs):
+            merged[derived] = 0
+    return type(obj)(**merged)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Parse ``section.field=value`` strings (value read as YAML) into nested dicts."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override '{item}' must look like section.field=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def build_run_config(preset: str | None = None, recipe: str | Path | None = None,
+                     overrides: list[str] | None = None) -> RunConfig:
+    """Resolve preset -> YAML recipe -> CLI overrides into one RunConfig."""
+    from codefoundry.model.presets import get_preset
+
+    layers: list[dict[str, Any]] = []
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path} must be a mapping with preset/model/train keys")
+        layers.append(data)
+    layers.append(parse_overrides(overrides or []))
+
+    preset_name = preset
+    if not preset_name:
+        for layer in layers:
+            preset_name = layer.get("preset", preset_name)
+    preset_name = preset_name or RunConfig.preset
+    model = get_preset(preset_name)
+    train = TrainConfig()
+    for layer in layers:
+        unknown = set(layer) - {"preset", "model", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use preset, model, train")
+        model = update_dataclass(model, layer.get("model") or {}, "model.")
+        train = update_dataclass(train, layer.get("train") or {}, "train.")
+    return RunConfig(preset=preset_name, model=model, train=train)
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """Load a saved model config; unknown keys (e.g. from a newer version) are an error."""
+    return update_dataclass(ModelConfig(), values, "model.")

@@ -1,0 +1,1 @@
+"""Data stage: read source files, filter, tokenize into memmap shards, and load packed rows."""

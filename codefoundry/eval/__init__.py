@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, and pass@k benchmarks in a sandbox."""

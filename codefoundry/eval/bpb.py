@@ -1,0 +1,95 @@
+"""Bits per byte on held-out shards, and the same figure for gzip and xz.
+
+Bits per byte is tokenizer-independent: the summed cross-entropy of every token of the
+held-out stream (in bits) divided by the UTF-8 bytes of the original text. Every document
+is ``[EOT] + tokens`` and the stream ends with one more EOT, so each document's end is
+predicted too — a complete lossless code, comparable with a compressor's file size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from codefoundry.data.shards import Shard
+from codefoundry.model.transformer import IGNORE_INDEX, Transformer
+from codefoundry.progress import Progress
+from codefoundry.train.runtime import autocast
+
+
+@torch.no_grad()
+def bits_per_byte(model: Transformer, shard_dir: str | Path, seq_len: int | None = None, batch_size: int = 8,
+                  dtype: torch.dtype = torch.float32, show_progress: bool = False) -> dict[str, Any]:
+    shard = Shard(shard_dir)
+    device = model.embed.weight.device
+    seq_len = seq_len or model.cfg.max_seq_len
+    eot = int(shard.tokens[0]) if len(shard.tokens) else 0
+    stream = np.concatenate([np.asarray(shard.tokens, dtype=np.int64), [eot]])
+    n_targets = len(stream) - 1
+    n_windows = math.ceil(n_targets / seq_len)
+    model.eval()
+    nats = 0.0
+    progress = Progress("bits per byte", total=n_windows, unit="win", enabled=show_progress)
+    for lo in range(0, n_windows, batch_size):
+        rows = range(lo, min(lo + batch_size, n_windows))
+        x = torch.zeros(len(rows), seq_len, dtype=torch.long)
+        y = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+        for r, w in enumerate(rows):
+            seg = stream[w * seq_len: w * seq_len + seq_len + 1]
+            x[r, :len(seg) - 1] = torch.from_numpy(seg[:-1])
+            y[r, :len(seg) - 1] = torch.from_numpy(seg[1:])
+        with autocast(device, dtype):
+            nats += model(x.to(device), y.to(device), reduction="sum").item()
+        progress.update(len(rows))
+    progress.close()
+    n_bytes = shard.meta["bytes"]
+    return {"bpb": nats / math.log(2) / n_bytes, "loss": nats / n_targets, "tokens": n_targets, "bytes": n_bytes,
+            "documents": len(shard)}
+
+
+def compressor_bpb(texts: list[str]) -> dict[str, float]:
+    """Bits per byte of gzip -9 and xz -9e, each file compressed on its own (container headers included)."""
+    raw = [t.encode() for t in texts]
+    total = sum(len(b) for b in raw)
+    gz = sum(len(gzip.compress(b, compresslevel=9, mtime=0)) for b in raw)
+    xz = sum(len(lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)) for b in raw)
+    return {"gzip -9": 8 * gz / total, "xz -9e": 8 * xz / total}
+
+
+def shard_texts(shard_dir: str | Path, tokenizer) -> list[str]:
+    """The original documents of a shard, decoded back from tokens (byte-level BPE is lossless)."""
+    shard = Shard(shard_dir)
+    return [tokenizer.decode(shard.document(i)[1:].tolist()) for i in range(len(shard))]
+
+
+def run_bpb(args) -> int:
+    import json
+
+    from codefoundry.train.checkpoint import load_model
+    from codefoundry.train.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.checkpoint, device)
+    dtype = resolve_dtype("auto", device)
+    result = bits_per_byte(model, args.data, args.seq_len, args.batch_size, dtype, show_progress=True)
+    if args.baselines:
+        result.update(compressor_bpb(shard_texts(args.data, tokenizer)))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bpb", help="bits per byte of a checkpoint on a held-out shard")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="shard directory (e.g. DATA/val)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: model context)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--baselines", action="store_true", help="also report gzip -9 and xz -9e on the same files")
+    p.set_defaults(func=run_bpb)

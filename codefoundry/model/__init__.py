@@ -1,0 +1,6 @@
+"""Decoder-only transformer: attention, MLPs, RoPE, KV cache and named presets."""
+
+from codefoundry.model.kv_cache import KVCache
+from codefoundry.model.transformer import Transformer
+
+__all__ = ["KVCache", "Transformer"]

@@ -1,0 +1,55 @@
+"""Rotary position embeddings with linear, NTK-aware and YaRN context extension.
+
+All three scalings only change the inverse frequencies (and, for YaRN, a logit
+temperature), so they are computed once into cos/sin tables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from codefoundry.config import ModelConfig
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for each rotated pair, plus the attention scale multiplier (YaRN mscale)."""
+    d = cfg.head_dim
+    base = cfg.rope_theta
+    factor = cfg.rope_factor
+    if cfg.rope_scaling == "ntk" and factor > 1:
+        base = base * factor ** (d / (d - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    mscale = 1.0
+    if cfg.rope_scaling == "linear" and factor > 1:
+        inv_freq = inv_freq / factor
+    elif cfg.rope_scaling == "yarn" and factor > 1:
+        # YaRN (Peng et al. 2023): keep high-frequency dims, interpolate low-frequency ones,
+        # blend linearly in between (beta_fast=32, beta_slow=1 rotations over the old context).
+        orig = cfg.rope_original_max_len
+        wavelen_rotations = orig * inv_freq / (2 * math.pi)  # rotations each dim makes over `orig`
+        beta_fast, beta_slow = 32.0, 1.0
+        ramp = ((wavelen_rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)
+        inv_freq = inv_freq / factor * (1 - ramp) + inv_freq * ramp
+        mscale = 0.1 * math.log(factor) + 1.0
+    elif cfg.rope_scaling not in ("none", "linear", "ntk", "yarn"):
+        raise ValueError(f"model.rope_scaling={cfg.rope_scaling!r}: use none, linear, ntk or yarn")
+    return inv_freq.float(), mscale
+
+
+def rope_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (length, head_dim // 2); YaRN's mscale is folded into both."""
+    inv_freq, mscale = rope_frequencies(cfg)
+    t = torch.arange(length, dtype=torch.float32)
+    angles = torch.outer(t, inv_freq)
+    cos, sin = angles.cos() * mscale, angles.sin() * mscale
+    return cos.to(device), sin.to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by tables (T, D/2), pairing dim i with i + D/2 (the Llama/HF layout)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

@@ -1,0 +1,153 @@
+"""`codefoundry speedrun`: raw code -> tokenizer -> shards -> pretrained model -> report.
+
+Every stage is the same code as its stand-alone command, and writes into ``--out``::
+
+    OUT/tokenizer.json   OUT/data/{train,val}/   OUT/run/{checkpoint,metrics.jsonl}
+    OUT/report.md        OUT/loss.png            OUT/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from codefoundry.config import build_run_config
+from codefoundry.data.prepare import prepare
+from codefoundry.data.sources import stdlib_root
+from codefoundry.errors import UserError
+from codefoundry.eval.bpb import bits_per_byte, compressor_bpb, shard_texts
+from codefoundry.infer.generate import complete_batch
+from codefoundry.tokenizer.bpe import train_tokenizer
+from codefoundry.tokenizer.cli import corpus_texts
+from codefoundry.train.checkpoint import load_model
+from codefoundry.train.plot import plot_run
+from codefoundry.train.runtime import resolve_device
+from codefoundry.train.trainer import pretrain
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+
+
+def code_prompts(texts: list[str], n: int, max_chars: int = 600) -> list[str]:
+    """Real prompts from held-out files: a function's header and docstring, the body left to the model."""
+    prompts = []
+    for text in texts:
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and node.body[1:]:
+                doc = node.body[0]
+                head = "".join(lines[node.lineno - 1:doc.end_lineno])
+                if 40 < len(head) <= max_chars:
+                    prompts.append(head)
+                    break
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def write_report(out: Path, results: dict[str, Any], samples: list[tuple[str, str]]) -> Path:
+    ev, tr = results["eval"], results["train"]
+    baselines = ev["baselines"]
+    best = min(baselines.values())
+    lines = [
+        "# codefoundry speedrun report", "",
+        f"Corpus: {', '.join(results['sources'])} — {results['data']['train']['documents']} train files "
+        f"({results['data']['train']['bytes'] / 1e6:.1f} MB), {ev['documents']} held-out files "
+        f"({ev['bytes'] / 1e6:.2f} MB).",
+        f"Model: preset `{results['preset']}`, {tr['params'] / 1e6:.2f}M parameters; "
+        f"{tr['steps']} steps, {tr['tokens'] / 1e6:.1f}M tokens in {tr['elapsed_s'] / 60:.1f} min "
+        f"({tr['tok_per_s']:,.0f} tokens/s) on {results['device']}.", "",
+        "## Held-out bits per byte (lower is better)", "",
+        "| coder | bits/byte |", "|---|---|",
+        f"| **codefoundry model** | **{ev['bpb']:.3f}** |",
+        *[f"| {name} (each file alone) | {v:.3f} |" for name, v in baselines.items()], "",
+        f"The model {'beats' if ev['bpb'] < best else 'does NOT beat'} the best compressor "
+        f"({ev['bpb']:.3f} vs {best:.3f}). Held-out loss {ev['loss']:.3f} nats/token, "
+        f"{ev['bytes'] / ev['tokens']:.2f} bytes/token.", "",
+        "## Loss", "", "![loss curve](loss.png)", "",
+        "## Samples (held-out prompts, temperature 0.6, top-p 0.95)", "",
+    ]
+    for prompt, completion in samples:
+        lines += ["```python", prompt + completion, "```", ""]
+    lines += [f"Stage timings (s): {json.dumps({k: round(v, 1) for k, v in results['timings'].items()})}", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path | None, overrides: list[str],
+             vocab_size: int, tokenizer_mb: float, val_fraction: float, n_samples: int = 4) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    print(f"[1/5] tokenizer: byte-level BPE, vocab {vocab_size}", flush=True)
+    tokenizer = train_tokenizer(corpus_texts(sources, int(tokenizer_mb * 1e6), val_fraction), vocab_size,
+                                show_progress=False)
+    tokenizer.save(out / "tokenizer.json")
+    timings["tokenizer"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print("[2/5] data: pretokenize train/val shards", flush=True)
+    data = prepare(sources, tokenizer, out / "data", val_fraction)
+    timings["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print(f"[3/5] pretrain: {minutes:g} minute budget", flush=True)
+    run = build_run_config(None, recipe, [*overrides, f"train.data={out / 'data'}", f"train.out={out / 'run'}",
+                                          f"train.minutes={minutes}"])
+    summary = pretrain(run)
+    timings["pretrain"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print("[4/5] eval: held-out bits per byte vs gzip / xz", flush=True)
+    model, tokenizer = load_model(summary["checkpoint"], resolve_device(run.train.device))
+    ev = bits_per_byte(model, out / "data" / "val", run.train.seq_len, batch_size=16, show_progress=True)
+    texts = shard_texts(out / "data" / "val", tokenizer)
+    ev["baselines"] = compressor_bpb(texts)
+    timings["eval"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print("[5/5] samples and report", flush=True)
+    prompts = code_prompts(texts, n_samples)
+    completions = complete_batch(model, tokenizer, prompts, 128, temperature=0.6, top_p=0.95,
+                                 stop=["\ndef ", "\nclass ", "\n@"], seed=0)
+    plot_run(out / "run" / "metrics.jsonl", out / "loss.png")
+    timings["samples"] = time.perf_counter() - t
+    results = {"sources": [str(s) for s in sources], "preset": run.preset, "device": str(model.embed.weight.device),
+               "data": data, "train": summary, "eval": ev, "timings": timings}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    report = write_report(out, results, list(zip(prompts, completions)))
+    print(f"held-out bits/byte: model {ev['bpb']:.3f} | " +
+          " | ".join(f"{k} {v:.3f}" for k, v in ev["baselines"].items()))
+    print(f"report: {report}")
+    return results
+
+
+def run_speedrun(args: argparse.Namespace) -> int:
+    sources = [Path(s) for s in args.source] or [stdlib_root()]
+    recipe = args.config or (RECIPES / "speedrun.yaml")
+    if not Path(recipe).is_file():
+        raise UserError(f"recipe {recipe} not found; pass --config PATH")
+    speedrun(Path(args.out), sources, args.minutes, recipe, args.overrides, args.vocab_size, args.tokenizer_mb,
+             args.val_fraction)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("speedrun", help="the whole pipeline: raw code to a trained model and a report")
+    p.add_argument("--source", action="append", default=[], help="folder of code (repeatable; default: stdlib)")
+    p.add_argument("--out", default="runs/speedrun", help="output directory")
+    p.add_argument("--minutes", type=float, default=11.0, help="training budget in minutes")
+    p.add_argument("--config", default=None, help="YAML recipe (default: configs/speedrun.yaml)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--tokenizer-mb", type=float, default=0, help="MB of code to train the tokenizer on (0 = all)")
+    p.add_argument("--val-fraction", type=float, default=0.04)
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")
+    p.set_defaults(func=run_speedrun)

@@ -1,0 +1,6 @@
+"""Byte-level BPE tokenizer for code (HF `tokenizers` format) with FIM, chat and tool tokens."""
+
+from codefoundry.tokenizer.bpe import CodeTokenizer, train_tokenizer
+from codefoundry.tokenizer.special import SPECIAL_TOKENS
+
+__all__ = ["CodeTokenizer", "SPECIAL_TOKENS", "train_tokenizer"]

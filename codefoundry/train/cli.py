@@ -1,0 +1,87 @@
+"""`codefoundry pretrain`, `codefoundry plot`, `codefoundry presets`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from codefoundry.config import RunConfig, build_run_config, update_dataclass, parse_overrides
+from codefoundry.errors import UserError
+
+
+def resolve_run(args: argparse.Namespace) -> RunConfig:
+    """Preset/recipe/overrides; on --resume, the saved run config plus any overrides."""
+    if args.resume:
+        from codefoundry.config import ModelConfig, TrainConfig
+        from codefoundry.train.checkpoint import load_train_state
+
+        out = Path(args.out) if args.out else None
+        if out is None:
+            raise UserError("--resume needs --out RUN_DIR (the directory of the run to continue)")
+        saved = load_train_state(out / "checkpoint")["run"]
+        over = parse_overrides(args.overrides)
+        model = update_dataclass(ModelConfig(), {**saved["model"], **over.get("model", {})}, "model.")
+        train = update_dataclass(TrainConfig(), {**saved["train"], **over.get("train", {})}, "train.")
+        return RunConfig(preset=saved["preset"], model=model, train=train)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"train.data={args.data}")
+    if args.out:
+        overrides.append(f"train.out={args.out}")
+    return build_run_config(args.preset, args.config, overrides)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from codefoundry.train.trainer import pretrain
+
+    run = resolve_run(args)
+    summary = pretrain(run, resume=args.resume, stop_after=args.stop_after)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from codefoundry.train.plot import plot_run
+
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "metrics.png"
+    print(plot_run(run, out))
+    return 0
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    import torch
+
+    from codefoundry.model import Transformer
+    from codefoundry.model.presets import DESCRIPTIONS, PRESETS, get_preset
+
+    print(f"{'preset':<16} {'params':>10}  {'layers':>6} {'dim':>5} {'heads':>5} {'kv':>3}  description")
+    for name in PRESETS:
+        cfg = get_preset(name)
+        with torch.device("meta"):
+            n = Transformer(cfg).num_params()
+        print(f"{name:<16} {n / 1e6:>9.1f}M  {cfg.n_layers:>6} {cfg.dim:>5} {cfg.n_heads:>5} {cfg.n_kv_heads:>3}  "
+              f"{DESCRIPTIONS[name]}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="pretrain a model on prepared data",
+                              description="Pretrain. Any config field can be overridden: train.lr=1e-3 model.dim=512")
+    p.add_argument("--preset", default=None, help="model preset (see `codefoundry presets`)")
+    p.add_argument("--config", default=None, help="YAML recipe (see configs/)")
+    p.add_argument("--data", default=None, help="prepared data directory (train.data)")
+    p.add_argument("--out", default=None, help="run directory (train.out)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.set_defaults(func=run_pretrain)
+
+    pl = subparsers.add_parser("plot", help="plot a run's metrics to PNG")
+    pl.add_argument("run", help="run directory or metrics.jsonl")
+    pl.add_argument("--out", default=None, help="PNG path (default: RUN/metrics.png)")
+    pl.set_defaults(func=run_plot)
+
+    pr = subparsers.add_parser("presets", help="list model presets with parameter counts")
+    pr.set_defaults(func=run_presets)

@@ -1,0 +1,85 @@
+"""Optimizers with parameter groups: AdamW everywhere, or Muon for hidden matrices.
+
+Groups: the embedding (its own learning-rate ratio), hidden 2-D matrices (weight decay),
+and everything 1-D (norm gains, biases: no decay). Each param group remembers its
+``base_lr`` so the schedule can scale all of them by one factor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from codefoundry.config import TrainConfig
+from codefoundry.errors import UserError
+
+
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    groups: dict[str, list[nn.Parameter]] = {"embed": [], "matrix": [], "other": []}
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    for p in model.parameters():  # parameters() yields a tied weight once
+        if not p.requires_grad:
+            continue
+        if id(p) in embed_ids or (head is not None and p is head.weight):
+            groups["embed"].append(p)
+        elif p.dim() >= 2:
+            groups["matrix"].append(p)
+        else:
+            groups["other"].append(p)
+    return groups
+
+
+class Optimizers:
+    """One or more torch optimizers stepped together (Muon + AdamW), with one state dict."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def set_lr_factor(self, factor: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = g["base_lr"] * factor
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for opt, state in zip(self.optimizers, states, strict=True):
+            opt.load_state_dict(state)
+
+
+def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> Optimizers:
+    groups = param_groups(model)
+    fused = device.type == "cuda"
+    betas = (tc.beta1, tc.beta2)
+    adam_groups = [
+        {"params": groups["embed"], "lr": tc.lr * tc.embed_lr_ratio, "weight_decay": 0.0},
+        {"params": groups["other"], "lr": tc.lr, "weight_decay": 0.0},
+    ]
+    if tc.optimizer == "adamw":
+        adam_groups.append({"params": groups["matrix"], "lr": tc.lr, "weight_decay": tc.weight_decay})
+        opts: list[torch.optim.Optimizer] = []
+    elif tc.optimizer == "muon":
+        muon = torch.optim.Muon(groups["matrix"], lr=tc.muon_lr, weight_decay=tc.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
+        opts = [muon]
+    else:
+        raise UserError(f"train.optimizer={tc.optimizer!r}: use adamw or muon")
+    adam_groups = [g for g in adam_groups if g["params"]]
+    opts.append(torch.optim.AdamW(adam_groups, betas=betas, fused=fused or None))
+    for opt in opts:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return Optimizers(opts)
