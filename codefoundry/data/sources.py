@@ -31,7 +31,7 @@ def stdlib_root() -> Path:
 @dataclass(frozen=True)
 class SourceFile:
     path: Path
-    relpath: str  # relative to its source root: stable across machines, used for splitting
+    relpath: str  # path under its source root: stable across machines, used for splitting
     language: str
 
 

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from codefoundry.config import build_run_config
+from codefoundry.errors import UserError
+from codefoundry.train.checkpoint import load_model
+from codefoundry.train.metrics import read_metrics
+from codefoundry.train.trainer import pretrain
+
+
+def _run(data, out, steps=16, **over):
+    overrides = [f"train.data={data}", f"train.out={out}", f"train.max_steps={steps}", "train.seq_len=64",
+                 "train.batch_size=4", "train.log_every=1", "train.warmup_steps=3", "train.lr=3e-3",
+                 "model.dropout=0.1"]  # dropout makes the RNG state part of what resume must restore
+    overrides += [f"{k}={v}" for k, v in over.items()]
+    return build_run_config("tiny", None, overrides)
+
+
+def _losses(out):
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def test_loss_falls(tiny_data, tmp_path):
+    summary = pretrain(_run(tiny_data, tmp_path, steps=40), show_progress=False)
+    losses = _losses(tmp_path)
+    assert summary["finished"] and len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert summary["val_loss"] is not None
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain(_run(tiny_data, straight), show_progress=False)
+    run = _run(tiny_data, split)
+    first = pretrain(run, stop_after=7, show_progress=False)
+    assert not first["finished"] and first["steps"] == 7
+    pretrain(run, resume=True, show_progress=False)
+    assert _losses(split) == _losses(straight)  # bit-identical, step for step
+    assert len(_losses(split)) == 16
+
+
+def test_time_budget_sizes_the_run(tiny_data, tmp_path):
+    summary = pretrain(_run(tiny_data, tmp_path, steps=0, **{"train.minutes": 0.05}), show_progress=False)
+    assert summary["finished"] and summary["total_steps"] >= 11
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["preset"] == "tiny"
+
+
+def test_checkpoint_loads_for_inference(tiny_data, tmp_path):
+    pretrain(_run(tiny_data, tmp_path, steps=2), show_progress=False)
+    model, tok = load_model(tmp_path / "checkpoint")
+    assert model.cfg.vocab_size == tok.vocab_size and not model.training
+
+
+def test_bad_checkpoints_give_one_line_errors(tiny_data, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_model(tmp_path / "missing")
+    pretrain(_run(tiny_data, tmp_path, steps=2), show_progress=False)
+    ckpt = tmp_path / "checkpoint"
+    (ckpt / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(UserError, match="corrupt"):
+        load_model(ckpt)
+    (ckpt / "config.json").write_text("{")
+    with pytest.raises(UserError, match="corrupt"):
+        load_model(ckpt)
+    (ckpt / "train_state.pt").write_bytes(b"\x80\x02junk")
+    with pytest.raises(UserError, match="corrupt"):
+        pretrain(_run(tiny_data, tmp_path, steps=2), resume=True, show_progress=False)
+
+
+def test_unprepared_data_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="data prepare"):
+        pretrain(_run(tmp_path, tmp_path / "out"), show_progress=False)
