@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "codefoundry.train.cli",
     "codefoundry.eval.cli",
     "codefoundry.infer.cli",
+    "codefoundry.post.cli",
+    "codefoundry.export.cli",
     "codefoundry.speedrun",
 ]
 

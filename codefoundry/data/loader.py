@@ -4,6 +4,10 @@ The token stream is cut into non-overlapping rows of ``seq_len + 1`` tokens; eac
 visits them in a permutation seeded by (seed, epoch). The whole position is two integers
 (epoch, cursor), so resuming is exact and costs nothing. Rank r of W takes the r-th slice
 of every global batch, so W processes see exactly the rows one process would.
+
+A sequence-length curriculum asks for shorter rows (``next_batch(seq_len=s)``): each full
+row is cut into ``seq_len // s`` pieces, so a short-row batch holds the same tokens as a
+full one, the data order does not depend on the curriculum, and resuming stays exact.
 """
 
 from __future__ import annotations
@@ -35,8 +39,15 @@ class PackedLoader:
     def _permutation(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_rows)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (batch_size, seq_len) int64 on the loader's device."""
+    def next_batch(self, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (batch_size, seq_len) int64 on the loader's device.
+
+        With a shorter ``seq_len`` (which must divide the loader's) the same tokens come as
+        (batch_size * k, seq_len) with k = loader seq_len // seq_len.
+        """
+        piece = seq_len or self.seq_len
+        if self.seq_len % piece:
+            raise UserError(f"curriculum row length {piece} must divide train.seq_len={self.seq_len}")
         global_batch = self.batch_size * self.world_size
         if self.cursor + global_batch > self.n_rows:
             self.epoch, self.cursor = self.epoch + 1, 0
@@ -48,7 +59,7 @@ class PackedLoader:
         batch = torch.from_numpy(self.tokens[idx].astype(np.int64))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
+        return batch[:, :-1].reshape(-1, piece), batch[:, 1:].reshape(-1, piece)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len}

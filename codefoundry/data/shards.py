@@ -43,6 +43,14 @@ class ShardWriter:
         self.lengths.append(len(arr))
         self.n_tokens += len(arr)
 
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many documents at once: their concatenated tokens and per-document lengths."""
+        self._f.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets.extend((self.n_tokens + np.cumsum(lengths) - lengths).tolist())
+        self.lengths.extend(lengths.tolist())
+        self.n_tokens += int(lengths.sum())
+
     def close(self, metadata: dict[str, Any]) -> None:
         self._f.close()
         index = np.stack([np.asarray(self.offsets, dtype=np.int64), np.asarray(self.lengths, dtype=np.int64)], axis=1) \

@@ -20,6 +20,17 @@ LANGUAGE_BY_EXTENSION = {
     ".rs": "rust", ".rb": "ruby", ".php": "php", ".sh": "shell", ".cs": "csharp", ".kt": "kotlin",
     ".swift": "swift", ".scala": "scala", ".lua": "lua", ".sql": "sql",
 }
+# Data and markup files are not code to learn from by default: a folder yields them only when
+# ``languages`` names them (they then meet the StarCoder2 data-file / XML / HTML filters).
+MARKUP_AND_DATA_BY_EXTENSION = {
+    ".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".xml": "xml", ".html": "html",
+    ".htm": "html", ".md": "markdown", ".css": "css", ".csv": "csv",
+}
+# Spellings used by The Stack / StarCoderData / CodeParrot `lang`/`language` columns -> our names.
+LANGUAGE_ALIASES = {
+    "c++": "cpp", "c#": "csharp", "js": "javascript", "ts": "typescript", "bash": "shell", "sh": "shell",
+    "py": "python", "golang": "go", "yml": "yaml", "htm": "html", "md": "markdown", "jupyter notebook": "jupyter",
+}
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", "venv", "site-packages"}
 
 
@@ -35,19 +46,34 @@ class SourceFile:
     language: str
 
 
+def normalize_language(name: str) -> str:
+    """Our canonical language name for a dataset's spelling ('C++' -> 'cpp', 'Python' -> 'python')."""
+    key = name.strip().lower()
+    return LANGUAGE_ALIASES.get(key, key)
+
+
+def language_of(path: str, include_markup: bool = False) -> str | None:
+    """Language from a file name's extension (markup/data languages only with ``include_markup``)."""
+    suffix = os.path.splitext(path)[1].lower()
+    lang = LANGUAGE_BY_EXTENSION.get(suffix)
+    if lang is None and include_markup:
+        lang = MARKUP_AND_DATA_BY_EXTENSION.get(suffix)
+    return lang
+
+
 def iter_source_files(roots: list[Path], languages: set[str] | None = None) -> Iterator[SourceFile]:
     """Every code file under the roots in a stable (sorted) order, filtered by language."""
     for root in roots:
         root = Path(root)
         if root.is_file():
-            lang = LANGUAGE_BY_EXTENSION.get(root.suffix)
+            lang = language_of(root.name, include_markup=bool(languages))
             if lang and (languages is None or lang in languages):
                 yield SourceFile(root, root.name, lang)
             continue
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
             for name in sorted(filenames):
-                lang = LANGUAGE_BY_EXTENSION.get(Path(name).suffix)
+                lang = language_of(name, include_markup=bool(languages))
                 if lang and (languages is None or lang in languages):
                     path = Path(dirpath) / name
                     yield SourceFile(path, path.relative_to(root).as_posix(), lang)
@@ -59,6 +85,11 @@ def read_text(path: Path) -> tuple[str | None, str | None]:
         data = path.read_bytes()
     except OSError:
         return None, "unreadable"
+    return decode_text(data)
+
+
+def decode_text(data: bytes) -> tuple[str | None, str | None]:
+    """Strict UTF-8 decode of one file's bytes: (text, None) or (None, binary / non_utf8 / empty)."""
     if b"\x00" in data[:8192]:
         return None, "binary"
     try:

@@ -71,11 +71,13 @@ def shard_texts(shard_dir: str | Path, tokenizer) -> list[str]:
 def run_bpb(args) -> int:
     import json
 
+    from codefoundry.export.quantize import quantize_model
     from codefoundry.train.checkpoint import load_model
     from codefoundry.train.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.checkpoint, device)
+    model = quantize_model(model, args.quantize)
     dtype = resolve_dtype("auto", device)
     result = bits_per_byte(model, args.data, args.seq_len, args.batch_size, dtype, show_progress=True)
     if args.baselines:
@@ -85,6 +87,8 @@ def run_bpb(args) -> int:
 
 
 def register(subparsers) -> None:
+    from codefoundry.export.quantize import add_quantize_argument
+
     p = subparsers.add_parser("bpb", help="bits per byte of a checkpoint on a held-out shard")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--data", required=True, help="shard directory (e.g. DATA/val)")
@@ -92,4 +96,5 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--baselines", action="store_true", help="also report gzip -9 and xz -9e on the same files")
+    add_quantize_argument(p)
     p.set_defaults(func=run_bpb)

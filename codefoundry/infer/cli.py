@@ -1,4 +1,5 @@
-"""`codefoundry generate`: complete code (or infill with --fim) from a checkpoint, streaming."""
+"""Using a checkpoint: `generate` (completion, --fim infill, speculative decoding), `chat`
+(interactive), `agent` (tool-using coding agent in a directory) and `serve` (HTTP API)."""
 
 from __future__ import annotations
 
@@ -22,17 +23,48 @@ def read_prompt(args: argparse.Namespace) -> str:
     raise UserError("give a prompt: --prompt TEXT, --file PATH, or pipe it on stdin")
 
 
+def run_speculative(args: argparse.Namespace, model, tokenizer, prompt_ids: list[int]) -> None:
+    """Greedy speculative decoding: the model's own MTP heads, or a small draft checkpoint, propose."""
+    from codefoundry.infer.speculative import draft_speculative_generate, mtp_speculative_generate
+    from codefoundry.infer.generate import TextDeltas
+
+    stop_ids = {tokenizer.eot_id}
+    if args.speculative == "mtp":
+        ids, stats = mtp_speculative_generate(model, prompt_ids, args.max_new_tokens, stop_ids)
+    else:
+        if not args.draft_checkpoint:
+            raise UserError("--speculative draft needs --draft-checkpoint DIR (a small model with the same tokenizer)")
+        from codefoundry.train.checkpoint import load_model
+
+        draft, draft_tok = load_model(args.draft_checkpoint, model.embed.weight.device)
+        if draft_tok.vocab_size != tokenizer.vocab_size:
+            raise UserError("the draft model's tokenizer differs from the target's; use one trained on the same tokenizer")
+        ids, stats = draft_speculative_generate(model, draft, prompt_ids, args.max_new_tokens, args.draft_k, stop_ids)
+    deltas = TextDeltas(tokenizer, args.stop)
+    for t in ids:
+        if t in stop_ids or deltas.stopped:
+            break
+        sys.stdout.write(deltas.add(t))
+    sys.stdout.write(deltas.flush() + "\n")
+    print(f"[speculative: {stats}]", file=sys.stderr)
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    from codefoundry.export.quantize import quantize_model
     from codefoundry.infer.generate import stream
     from codefoundry.train.checkpoint import load_model
     from codefoundry.train.runtime import resolve_device
 
     model, tokenizer = load_model(args.checkpoint, resolve_device(args.device))
+    model = quantize_model(model, args.quantize)
     if args.fim:
         prompt: str | list[int] = tokenizer.fim_prompt(read_prompt(args), args.suffix or "")
     else:
         prompt = read_prompt(args)
         sys.stdout.write(prompt)
+    if args.speculative:
+        run_speculative(args, model, tokenizer, prompt if isinstance(prompt, list) else tokenizer.encode(prompt))
+        return 0
     for _ in range(args.num_samples):
         for piece in stream(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k,
                             args.top_p, args.stop, args.seed):
@@ -44,6 +76,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from codefoundry.export.quantize import add_quantize_argument
+
     p = subparsers.add_parser("generate", help="sample completions from a checkpoint (streams to stdout)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--prompt", default=None, help="prompt text (else --file or stdin)")
@@ -58,4 +92,119 @@ def register(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--speculative", choices=["mtp", "draft"], default=None,
+                   help="greedy speculative decoding with the model's MTP heads or a --draft-checkpoint")
+    p.add_argument("--draft-checkpoint", default=None, help="small draft model for --speculative draft")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step")
+    add_quantize_argument(p)
     p.set_defaults(func=run_generate)
+
+    c = subparsers.add_parser("chat", help="interactive multi-turn chat with a (fine-tuned) checkpoint")
+    add_model_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=run_chat)
+
+    a = subparsers.add_parser("agent", help="let the model work in a directory with bash/read/write/edit tools")
+    add_model_args(a)
+    a.add_argument("task", help="what the agent should do")
+    a.add_argument("--workspace", default=".", help="directory the file tools are confined to (default: .)")
+    a.add_argument("--yes", action="store_true", help="run commands without asking for confirmation")
+    a.add_argument("--max-steps", type=int, default=20, help="tool calls before the agent is stopped")
+    a.add_argument("--command-timeout", type=float, default=30.0, help="seconds per command")
+    a.set_defaults(func=run_agent)
+
+    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (+ /infill) with request batching")
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", default=None, help="model id reported by the API (default: checkpoint dir name)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16")
+    s.set_defaults(func=run_serve)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="per reply")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16")
+
+
+def load_for_inference(args: argparse.Namespace):
+    """Model (in the requested dtype) and tokenizer for chat/agent/serve."""
+    from codefoundry.train.checkpoint import load_model
+    from codefoundry.train.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model, tok = load_model(args.checkpoint, device)
+    return model.to(resolve_dtype(args.dtype, device)), tok
+
+
+def _load(args: argparse.Namespace):
+    from codefoundry.infer.engine import SamplingParams
+
+    model, tok = load_for_inference(args)
+    return model, tok, SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from codefoundry.infer.chat import ChatSession, repl
+
+    model, tok, params = _load(args)
+    repl(ChatSession(model, tok, params, args.system))
+    return 0
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from codefoundry.infer.agent import Agent, ModelPolicy
+    from codefoundry.infer.tools import ToolError, ToolLimits, Workspace
+
+    model, tok, params = _load(args)
+
+    def confirm(command: str) -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            return False  # nobody to ask: refuse (use --yes to allow)
+        return input(f"\nrun `{command}`? [y/N] ").strip().lower() in ("y", "yes")
+
+    def show(kind: str, text: str) -> None:
+        if kind != "assistant":  # assistant text was already streamed
+            print(f"\n[{kind}] {text}", flush=True)
+
+    try:
+        workspace = Workspace(args.workspace, ToolLimits(timeout_s=args.command_timeout), confirm)
+    except ToolError as exc:
+        raise UserError(str(exc)) from None
+    policy = ModelPolicy(model, tok, params, on_text=lambda d: print(d, end="", flush=True))
+    result = Agent(policy, workspace, args.max_steps, show).run(args.task)
+    print(f"\n[agent stopped: {result.stop_reason} after {result.steps} tool calls]")
+    return 0 if result.stop_reason == "done" else 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from codefoundry.infer.engine import Engine
+    from codefoundry.infer.server import ServerLimits, make_server
+
+    model, tok = load_for_inference(args)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    with Engine(model, tok, max_batch=args.max_batch) as engine:
+        try:
+            server = make_server(engine, tok, args.host, args.port, name,
+                                 ServerLimits(max_tokens=min(args.max_tokens, model.cfg.max_seq_len - 1)), args.api_key)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
+        host, port = server.server_address[:2]
+        print(f"serving {name} on http://{host}:{port}/v1 (completions, chat/completions) and /infill", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+    return 0

@@ -2,13 +2,14 @@
 
 * :func:`sample_next` — temperature / top-k / top-p (nucleus) sampling; temperature 0 is greedy.
 * :func:`generate_tokens` — batched decoding of left-padded prompts with one KV cache.
-* :func:`stream` — text deltas for one prompt, cut at stop strings, safe for partial UTF-8.
+* :class:`TextDeltas` — incremental detokenizing with stop strings, safe for partial UTF-8.
+* :func:`stream` — text deltas for one prompt (a :class:`TextDeltas` over :func:`generate_tokens`).
 * :func:`complete_batch` — completions for many prompts (used by eval and the server).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -44,8 +45,13 @@ def _fit_prompt(ids: list[int], max_new_tokens: int, max_len: int) -> list[int]:
 @torch.no_grad()
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, stop_ids: set[int] | None = None,
-                    seed: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield a (B,) tensor of new tokens per step; stops when every row has hit a stop id."""
+                    seed: int | None = None,
+                    sample: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """Yield a (B,) tensor of new tokens per step; stops when every row has hit a stop id.
+
+    ``sample`` (logits (B, V) -> ids (B,)) replaces the shared temperature/top-k/top-p
+    sampler, e.g. for per-row settings in the serving engine.
+    """
     device = model.embed.weight.device
     max_len = model.cfg.max_seq_len
     prompts = [_fit_prompt(p, max_new_tokens, max_len) for p in prompts]
@@ -64,7 +70,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
     logits = model(batch, cache=cache)[:, -1]
     for _ in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = sample(logits) if sample is not None else sample_next(logits, temperature, top_k, top_p, generator)
         yield tok
         if len(stop):
             done |= torch.isin(tok, stop)
@@ -78,36 +84,67 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class TextDeltas:
+    """Turns generated token ids into text deltas that are safe to show.
+
+    Text that could be the start of a stop string, or a partial UTF-8 character, is held
+    back until it is safe; once a stop string appears the text is cut before it and
+    ``stopped`` becomes True.
+    """
+
+    def __init__(self, tokenizer: CodeTokenizer, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.shown = 0
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """All text so far, cut at the first stop string."""
+        return _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)[0]
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly safe text (maybe empty)."""
+        self.ids.append(token_id)
+        text, self.stopped = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        if self.stopped:
+            return self._show(len(text), text)
+        safe = len(text) - self.hold
+        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for the rest
+            safe = min(safe, len(text) - 1)
+        return self._show(safe, text)
+
+    def flush(self) -> str:
+        """The held-back remainder, at the end of generation."""
+        text = self.text
+        return self._show(len(text), text)
+
+    def _show(self, upto: int, text: str) -> str:
+        if upto <= self.shown:
+            return ""
+        delta, self.shown = text[self.shown:upto], upto
+        return delta
+
+
 def stream(model: Transformer, tokenizer: CodeTokenizer, prompt: str | list[int], max_new_tokens: int = 256,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
-           seed: int | None = None, stop_at_eot: bool = True) -> Iterator[str]:
-    """Yield text deltas of one completion. Text that could start a stop string, or a partial
-    UTF-8 character, is held back until it is safe to show."""
+           seed: int | None = None, stop_at_eot: bool = True, stop_ids: set[int] | None = None) -> Iterator[str]:
+    """Yield text deltas of one completion, ending at a stop string, EOT or any of ``stop_ids``."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    stop = [s for s in (stop or []) if s]
-    hold = max((len(s) for s in stop), default=1) - 1
-    stop_ids = {tokenizer.eot_id} if stop_at_eot else set()
-    out: list[int] = []
-    shown = 0
+    stop_ids = set(stop_ids or ()) | ({tokenizer.eot_id} if stop_at_eot else set())
+    deltas = TextDeltas(tokenizer, stop)
     for tok in generate_tokens(model, [ids], max_new_tokens, temperature, top_k, top_p, stop_ids, seed):
         t = int(tok[0])
         if t in stop_ids:
             break
-        out.append(t)
-        text = tokenizer.decode(out)
-        text, hit = _cut_at_stop(text, stop)
-        if hit:
-            yield text[shown:]
+        if delta := deltas.add(t):
+            yield delta
+        if deltas.stopped:
             return
-        safe = len(text) - hold
-        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for the rest
-            safe = min(safe, len(text) - 1)
-        if safe > shown:
-            yield text[shown:safe]
-            shown = safe
-    text, _ = _cut_at_stop(tokenizer.decode(out), stop)
-    if len(text) > shown:
-        yield text[shown:]
+    if delta := deltas.flush():
+        yield delta
 
 
 def complete_batch(model: Transformer, tokenizer: CodeTokenizer, prompts: list[str] | list[list[int]],

@@ -20,6 +20,8 @@ class KVCache:
         self.pos = 0
         # Optional (B, max_len) bool: False marks left-padding keys that must never be attended.
         self.key_valid: torch.Tensor | None = None
+        # (B, max_len) document index of every filled position (document masking only).
+        self.doc_ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)
 
     def set_padding(self, lengths: list[int], padded_len: int) -> None:
         """Mark the first ``padded_len - length`` positions of each row as padding (left-padded batch)."""
@@ -27,6 +29,12 @@ class KVCache:
         for row, n in enumerate(lengths):
             valid[row, :padded_len - n] = False
         self.key_valid = valid
+
+    def store_documents(self, docs: torch.Tensor) -> torch.Tensor:
+        """Record document ids (B, T) for the positions being added; return the ids of all keys so far."""
+        end = self.pos + docs.shape[1]
+        self.doc_ids[:, self.pos:end] = docs
+        return self.doc_ids[:, :end]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) at the current position; return all keys/values so far for this layer."""

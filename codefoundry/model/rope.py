@@ -25,16 +25,18 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if cfg.rope_scaling == "linear" and factor > 1:
         inv_freq = inv_freq / factor
     elif cfg.rope_scaling == "yarn" and factor > 1:
-        # YaRN (Peng et al. 2023): keep high-frequency dims, interpolate low-frequency ones,
-        # blend linearly in between (beta_fast=32, beta_slow=1 rotations over the old context).
-        orig = cfg.rope_original_max_len
-        wavelen_rotations = orig * inv_freq / (2 * math.pi)  # rotations each dim makes over `orig`
-        beta_fast, beta_slow = 32.0, 1.0
-        ramp = ((wavelen_rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)
-        inv_freq = inv_freq / factor * (1 - ramp) + inv_freq * ramp
+        # YaRN (Peng et al. 2023): keep the dims that rotate more than beta_fast=32 times over the
+        # original context, interpolate (/ factor) those rotating less than beta_slow=1 times, and
+        # ramp linearly over the dim index in between; cos/sin carry the logit temperature mscale.
+        # Same formula as HF transformers' "yarn" rope_type (truncate=True), so exports match.
+        def correction_dim(rotations: float) -> float:
+            return d * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(32.0)), 0)
+        high = min(math.ceil(correction_dim(1.0)), d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
         mscale = 0.1 * math.log(factor) + 1.0
-    elif cfg.rope_scaling not in ("none", "linear", "ntk", "yarn"):
-        raise ValueError(f"model.rope_scaling={cfg.rope_scaling!r}: use none, linear, ntk or yarn")
     return inv_freq.float(), mscale
 
 

@@ -1,4 +1,9 @@
-"""The decoder-only transformer: embeddings -> blocks -> norm -> (tied) LM head."""
+"""The decoder-only transformer: embeddings -> blocks -> norm -> (tied) LM head [+ MTP heads].
+
+The training loss folds in every auxiliary term a config switches on (z-loss, MoE balancing
+loss, multi-token prediction), so the trainer only ever calls ``model(x, y)``; in eval mode
+the loss is the plain cross-entropy, so validation and bits-per-byte stay comparable.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from codefoundry.config import ModelConfig
 from codefoundry.model.kv_cache import KVCache
-from codefoundry.model.layers import Block, RMSNorm
+from codefoundry.model.layers import Block
+from codefoundry.model.masking import attention_mask
+from codefoundry.model.moe import MoE
+from codefoundry.model.mtp import MTPHead
+from codefoundry.model.norm import RMSNorm
 from codefoundry.model.rope import rope_tables
 
 IGNORE_INDEX = -100
@@ -23,13 +32,15 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_learnable)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_heads))
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_parts: dict[str, torch.Tensor] = {}  # auxiliary terms of the latest training loss
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -53,9 +64,10 @@ class Transformer(nn.Module):
         if start + t > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {start + t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        mask = attention_mask(idx, self.cfg, cache)
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -76,31 +88,93 @@ class Transformer(nn.Module):
         return self.loss(h, targets, reduction)
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy of the LM head on hidden states, ignoring targets equal to -100.
+        """Cross-entropy of the LM head on hidden states (B, T, dim), ignoring targets equal to -100.
 
-        With ``loss_chunk > 0`` the head runs over that many rows at a time under activation
-        checkpointing, so full-vocabulary logits never exist for the whole batch at once.
+        In training mode the enabled auxiliary terms are added (each already weighted):
+        ``z_loss * mean(logsumexp^2)``, the MoE balancing loss, and ``mtp_loss_weight`` times
+        the mean cross-entropy of the MTP heads. With ``loss_chunk > 0`` the head runs over that
+        many rows at a time under activation checkpointing, so full-vocabulary logits never
+        exist for the whole batch at once.
         """
-        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        c = self.cfg
+        with_z = self.training and c.z_loss > 0
+        ce, z = self._ce_sums(h.reshape(-1, h.shape[-1]), targets.reshape(-1), with_z)
+        n = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        main = ce if reduction == "sum" else ce / n
+        if not self.training:
+            return main
+        parts: dict[str, torch.Tensor] = {}
+        if with_z:
+            parts["z_loss"] = c.z_loss * z / n
+        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        if aux:
+            parts["moe_aux_loss"] = sum(aux)
+        if len(self.mtp):
+            parts["mtp_loss"] = c.mtp_loss_weight * self._mtp_loss(h, targets)
+        self.loss_parts = {k: v.detach() for k, v in parts.items()}
+        if not parts:
+            return main
+        extra = sum(parts.values())
+        return main + (extra * n if reduction == "sum" else extra)
+
+    def _ce_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and summed squared log-partition over rows (N, dim), chunked if configured."""
         chunk = self.cfg.loss_chunk
         if chunk <= 0 or h.shape[0] <= chunk:
-            total = self._ce_sum(h, targets)
+            sums = self._chunk_sums(h, targets, with_z)
         else:
-            total = sum(checkpoint(self._ce_sum, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-                        for i in range(0, h.shape[0], chunk))
-        if reduction == "sum":
-            return total
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            sums = sum(checkpoint(self._chunk_sums, h[i:i + chunk], targets[i:i + chunk], with_z, use_reentrant=False)
+                       for i in range(0, h.shape[0], chunk))
+        return sums[0], sums[1]
 
-    def _ce_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(h).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    def _chunk_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> torch.Tensor:
+        logits = self.logits(h).float()
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        if not with_z:
+            return torch.stack([ce, ce.new_zeros(())])
+        lse = logits.logsumexp(dim=-1)
+        return torch.stack([ce, (lse.square() * (targets != IGNORE_INDEX)).sum()])
+
+    def _mtp_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over heads of each head's mean cross-entropy; head k predicts token t+k+1 at position t.
+
+        Head k reads the embedding of token t+k (= ``targets[:, t+k-1]``); positions whose
+        input tokens are unknown (-100, e.g. a masked prompt) are not scored.
+        """
+        t = targets.shape[1]
+        state, known = h, torch.ones_like(targets, dtype=torch.bool)
+        losses = []
+        for k, head in enumerate(self.mtp, start=1):
+            if t <= k:
+                break
+            inputs = targets[:, k - 1:t - 1]
+            known = known[:, :t - k] & (inputs != IGNORE_INDEX)
+            state, hn = head(state[:, :t - k], self.embed(inputs.clamp(min=0)))
+            tgt = targets[:, k:].masked_fill(~known, IGNORE_INDEX)
+            ce, _ = self._ce_sums(hn.reshape(-1, hn.shape[-1]), tgt.reshape(-1), False)
+            losses.append(ce / (tgt != IGNORE_INDEX).sum().clamp(min=1))
+        return torch.stack(losses).mean() if losses else h.new_zeros(())
 
     def post_step(self) -> None:
-        """Called by the trainer after each optimizer step (e.g. MoE load-balancing bias updates)."""
+        """Called by the trainer after each optimizer step: MoE aux-loss-free bias updates."""
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.update_bias()
 
     def extra_metrics(self) -> dict[str, float]:
-        """Model-specific training metrics (e.g. router load) merged into each log record."""
-        return {}
+        """Auxiliary loss terms of the latest step, and MoE router load since the previous call.
+
+        ``moe_load_cv``: coefficient of variation of expert load, averaged over MoE layers (0 =
+        perfectly even). ``moe_load_max``: the busiest expert's load relative to an even share.
+        """
+        out = {k: float(v) for k, v in self.loss_parts.items()}
+        loads = [m.load_fractions() for m in self.modules() if isinstance(m, MoE)]
+        if loads and all(f.sum() > 0 for f in loads):
+            fractions = torch.stack(loads)
+            mean = 1.0 / fractions.shape[1]
+            out["moe_load_cv"] = float((fractions.std(dim=1, unbiased=False) / mean).mean())
+            out["moe_load_max"] = float(fractions.max() / mean)
+        return out
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.embed.weight
@@ -108,15 +182,25 @@ class Transformer(nn.Module):
                        self.cfg.head_dim, p.device, p.dtype)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
+        """All parameters (tied weights once, frozen ones included)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding:
             n -= self.embed.weight.numel()
         return n
 
+    def num_active_params(self, exclude_embedding: bool = False) -> int:
+        """Parameters one token uses: all of them minus the routed experts it is not sent to."""
+        inactive = sum(m.inactive_params() for m in self.modules() if isinstance(m, MoE))
+        return self.num_params(exclude_embedding) - inactive
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N for weights + attention scores."""
+        """Training FLOPs per token (forward + backward): 6N for active weights + attention scores.
+
+        The LM head counts once per prediction (the trunk's and each MTP head's), tied or not.
+        """
         c = self.cfg
-        n = self.num_params(exclude_embedding=True)
+        n = self.num_active_params(exclude_embedding=True)
         if c.tie_embeddings:
             n += self.embed.weight.numel()  # the tied head still does its matmul
+        n += c.mtp_heads * self.lm_head.weight.numel()
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len

@@ -9,6 +9,15 @@ A checkpoint is a directory::
 
 It is written to a temporary sibling directory and renamed into place, so a crash mid-save
 leaves the previous checkpoint intact.
+
+A training run keeps its checkpoints with :class:`CheckpointManager`::
+
+    OUT/checkpoints/step_00000100/   one directory per save (the last ``keep_last`` kept)
+    OUT/checkpoint -> checkpoints/step_...        the latest (what eval, generate, resume read)
+    OUT/checkpoint-best -> checkpoints/step_...   the lowest validation loss so far
+
+Sharded (FSDP) runs add ``dcp/`` (torch.distributed.checkpoint: each rank's weights and
+optimizer shard) and still write a full ``model.safetensors`` for everything downstream.
 """
 
 from __future__ import annotations
@@ -29,30 +38,46 @@ from codefoundry.config import ModelConfig, model_config_from_dict
 from codefoundry.errors import UserError
 from codefoundry.model import Transformer
 from codefoundry.tokenizer import CodeTokenizer
+from codefoundry.train import distributed as D
+from codefoundry.train.distributed import DistInfo
 
 FORMAT = "codefoundry-checkpoint-v1"
 
 
 def save_checkpoint(path: str | Path, model: Transformer, tokenizer_json: str | Path, preset: str = "",
                     train_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically (temp dir, then rename over the old one)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    st_save_model(_unwrap(model), str(tmp / "model.safetensors"))
+    write_checkpoint_files(tmp, model, tokenizer_json, preset, train_state)
+    _replace_dir(tmp, path)
+    return path
+
+
+def write_checkpoint_files(path: Path, model: Transformer, tokenizer_json: str | Path, preset: str = "",
+                           train_state: dict[str, Any] | None = None) -> None:
+    """The checkpoint files, into an existing (temporary) directory."""
+    st_save_model(_unwrap(model), str(path / "model.safetensors"))
     config = {"format": FORMAT, "preset": preset, "model": dataclasses.asdict(_unwrap(model).cfg)}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(tokenizer_json, path / "tokenizer.json")
     if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
+        torch.save(train_state, path / "train_state.pt")
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` to ``path``, replacing a directory or link already there."""
+    if path.is_symlink():
+        path.unlink()
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.rename(path, old)
     os.rename(tmp, path)
     if old.exists():
         shutil.rmtree(old)
-    return path
 
 
 def _unwrap(model: torch.nn.Module) -> Transformer:
@@ -106,3 +131,122 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for truncated/corrupt pickles
         raise UserError(f"checkpoint {path}: train_state.pt is corrupt ({exc.__class__.__name__}); "
                         "resume from an earlier checkpoint") from None
+
+
+class CheckpointManager:
+    """Save every N steps, keep the last K and the best by validation loss, find the latest valid one.
+
+    Every save is a new ``checkpoints/step_N`` directory that appears only by an atomic
+    rename once complete, so a process killed mid-save leaves at most a hidden temp
+    directory behind (removed by the next save) and every visible step directory is whole.
+    All ranks call :meth:`save`; rank 0 writes the files, every rank writes its DCP shard.
+    """
+
+    def __init__(self, out: str | Path, keep_last: int = 2, keep_best: bool = True,
+                 info: DistInfo | None = None) -> None:
+        self.out = Path(out)
+        self.dir = self.out / "checkpoints"
+        self.latest_link = self.out / "checkpoint"
+        self.best_link = self.out / "checkpoint-best"
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.info = info or DistInfo()
+        meta = self.best_link / "meta.json"
+        self.best_val: float | None = json.loads(meta.read_text()).get("val_loss") if meta.is_file() else None
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        return int(path.name.split("_")[1])
+
+    def saved(self) -> list[Path]:
+        """Complete step directories, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.glob("step_*") if p.is_dir() and (p / "train_state.pt").is_file()),
+                      key=self.step_of)
+
+    def find_resume(self, resume: bool | str) -> tuple[Path, dict[str, Any]] | None:
+        """(checkpoint dir, train state) to continue from, or None to start fresh.
+
+        ``resume`` is False (fresh), True/"auto" (the newest checkpoint whose state loads;
+        none yet means a fresh start, so one command serves first launch and restarts), or
+        a checkpoint directory. Checkpoints whose state does not load are skipped; if none
+        loads, the last error is raised rather than silently starting over.
+        """
+        if not resume:
+            return None
+        if resume not in (True, "auto"):
+            path = Path(resume)
+            return path, load_train_state(path)
+        candidates = list(reversed(self.saved()))
+        if not candidates and (self.latest_link / "train_state.pt").is_file():
+            candidates = [self.latest_link]  # a run written before the manager existed
+        error: UserError | None = None
+        for path in candidates:
+            try:
+                return path, load_train_state(path)
+            except UserError as exc:
+                error = exc
+                if self.info.is_main:
+                    print(f"resume: skipping {path}: {exc}", flush=True)
+        if error is not None:
+            raise error
+        return None
+
+    def save(self, step: int, model: torch.nn.Module, tokenizer_json: str | Path, preset: str,
+             train_state: dict[str, Any], val_loss: float | None = None,
+             optimizers: list[torch.optim.Optimizer] | None = None) -> Path:
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".{final.name}.tmp"
+        if self.info.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        D.barrier(self.info)
+        weights = D.full_state_dict(model, self.info) if self.info.sharded else None
+        if self.info.sharded:
+            D.save_sharded(tmp / "dcp", model, optimizers or [])
+        if self.info.is_main:
+            plain = _plain_model(_unwrap(model).cfg, weights) if weights is not None else model
+            write_checkpoint_files(tmp, plain, tokenizer_json, preset, {**train_state, "sharded": self.info.sharded})
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+            _replace_dir(tmp, final)
+            _point(self.latest_link, final)
+            if self.keep_best and val_loss is not None and (self.best_val is None or val_loss < self.best_val):
+                self.best_val = val_loss
+                _point(self.best_link, final)
+            self._prune(step)
+        D.barrier(self.info)
+        return final
+
+    def _prune(self, step: int) -> None:
+        """Drop all but the last ``keep_last`` saves (and the best); saves past ``step`` belong to
+        a run this one resumed from an earlier point, so they go too. Leftover temp dirs go."""
+        best = self.best_link.resolve() if self.best_link.is_symlink() else None
+        saved = [p for p in self.saved() if self.step_of(p) <= step]
+        keep = set(saved[-self.keep_last:] if self.keep_last > 0 else saved)
+        for p in self.dir.iterdir():
+            if p.resolve() == best or p in keep:
+                continue
+            if p.name.startswith(".step_") or p.name.startswith("step_"):
+                shutil.rmtree(p)
+
+
+def _point(link: Path, target: Path) -> None:
+    """Atomically make ``link`` a relative symlink to ``target`` (replacing a legacy directory)."""
+    tmp = link.with_name(f".{link.name}.link-tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+
+
+def _plain_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
+    """A CPU Transformer holding gathered (unsharded) weights, for writing model.safetensors."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(weights, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model

@@ -11,19 +11,23 @@ from codefoundry.errors import UserError
 
 
 def resolve_run(args: argparse.Namespace) -> RunConfig:
-    """Preset/recipe/overrides; on --resume, the saved run config plus any overrides."""
+    """Preset/recipe/overrides; on --resume, the saved run config (plus any overrides) of the
+    checkpoint it continues from, or a fresh config when ``--resume auto`` finds none yet."""
+    if args.resume and "=" in args.resume:  # `--resume train.x=1`: argparse took the override as the value
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
     if args.resume:
         from codefoundry.config import ModelConfig, TrainConfig
-        from codefoundry.train.checkpoint import load_train_state
+        from codefoundry.train.checkpoint import CheckpointManager
 
-        out = Path(args.out) if args.out else None
-        if out is None:
+        if not args.out:
             raise UserError("--resume needs --out RUN_DIR (the directory of the run to continue)")
-        saved = load_train_state(out / "checkpoint")["run"]
-        over = parse_overrides(args.overrides)
-        model = update_dataclass(ModelConfig(), {**saved["model"], **over.get("model", {})}, "model.")
-        train = update_dataclass(TrainConfig(), {**saved["train"], **over.get("train", {})}, "train.")
-        return RunConfig(preset=saved["preset"], model=model, train=train)
+        found = CheckpointManager(args.out).find_resume(args.resume)
+        if found is not None:
+            saved = found[1]["run"]
+            over = parse_overrides(args.overrides)
+            model = update_dataclass(ModelConfig(), {**saved["model"], **over.get("model", {})}, "model.")
+            train = update_dataclass(TrainConfig(), {**saved["train"], **over.get("train", {})}, "train.")
+            return RunConfig(preset=saved["preset"], model=model, train=train)
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"train.data={args.data}")
@@ -33,10 +37,21 @@ def resolve_run(args: argparse.Namespace) -> RunConfig:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    if args.smoke_test:
+        import tempfile
+
+        from codefoundry.train.smoke import smoke_test
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = smoke_test(args.out or tmp, args.preset or "tiny", overrides=args.overrides)
+        print(json.dumps(result, indent=2))
+        print(f"smoke test passed: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
+              f"{result['tok_per_s']:,.0f} tokens/s")
+        return 0
     from codefoundry.train.trainer import pretrain
 
     run = resolve_run(args)
-    summary = pretrain(run, resume=args.resume, stop_after=args.stop_after)
+    summary = pretrain(run, resume=args.resume or False, stop_after=args.stop_after)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -54,26 +69,32 @@ def run_presets(args: argparse.Namespace) -> int:
     import torch
 
     from codefoundry.model import Transformer
-    from codefoundry.model.presets import DESCRIPTIONS, PRESETS, get_preset
+    from codefoundry.model.presets import DESCRIPTIONS, PRESETS, features, get_preset
 
-    print(f"{'preset':<16} {'params':>10}  {'layers':>6} {'dim':>5} {'heads':>5} {'kv':>3}  description")
+    print(f"{'preset':<16} {'params':>10} {'active':>10}  {'layers':>6} {'dim':>5} {'heads':>5} {'kv':>3}  description")
     for name in PRESETS:
         cfg = get_preset(name)
         with torch.device("meta"):
-            n = Transformer(cfg).num_params()
-        print(f"{name:<16} {n / 1e6:>9.1f}M  {cfg.n_layers:>6} {cfg.dim:>5} {cfg.n_heads:>5} {cfg.n_kv_heads:>3}  "
-              f"{DESCRIPTIONS[name]}")
+            model = Transformer(cfg)
+        n, active = model.num_params(), model.num_active_params()
+        print(f"{name:<16} {n / 1e6:>9.1f}M {active / 1e6:>9.1f}M  {cfg.n_layers:>6} {cfg.dim:>5} {cfg.n_heads:>5} "
+              f"{cfg.n_kv_heads:>3}  {DESCRIPTIONS[name]}: {features(cfg)}")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="pretrain a model on prepared data",
-                              description="Pretrain. Any config field can be overridden: train.lr=1e-3 model.dim=512")
+                              description="Pretrain. Any config field can be overridden: train.lr=1e-3 model.dim=512. "
+                                          "Multi-GPU: torchrun --nproc-per-node N -m codefoundry.cli pretrain ...")
     p.add_argument("--preset", default=None, help="model preset (see `codefoundry presets`)")
     p.add_argument("--config", default=None, help="YAML recipe (see configs/)")
     p.add_argument("--data", default=None, help="prepared data directory (train.data)")
     p.add_argument("--out", default=None, help="run directory (train.out)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
+                   help="continue the run in --out: 'auto' (default) takes its newest valid checkpoint and "
+                        "starts fresh if there is none; or name a checkpoint directory")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="train a tiny model on synthetic data for a few seconds to check this machine")
     p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.set_defaults(func=run_pretrain)

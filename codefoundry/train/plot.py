@@ -1,4 +1,5 @@
-"""Draw a run's metrics.jsonl to PNG (matplotlib, headless)."""
+"""Draw a run's metrics.jsonl to PNG (matplotlib, headless): loss (+ validation), learning
+rate, grad norm, throughput and, for MoE models, router load; panels without data are left out."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 from codefoundry.errors import UserError
 from codefoundry.train.metrics import read_metrics
 
-PANELS = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "grad norm"), ("tok_per_s", "tokens/s")]
+PANELS = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "grad norm"), ("tok_per_s", "tokens/s"),
+          ("moe_load_max", "router load (max / even)")]
 
 
 def plot_run(metrics_path: str | Path, out_png: str | Path, panels: list[tuple[str, str]] | None = None) -> Path:
@@ -29,6 +31,11 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, panels: list[tuple[s
     for ax, (key, title) in zip(axes[:, 0], panels):
         pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         ax.plot(*zip(*pts), label=key)
+        if key == "moe_load_max":
+            cv = [(r["step"], r["moe_load_cv"]) for r in records if r.get("moe_load_cv") is not None]
+            if cv:
+                ax.plot(*zip(*cv), label="moe_load_cv")
+            ax.legend()
         if key == "loss":
             val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
             if val:

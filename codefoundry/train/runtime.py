@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -58,3 +59,33 @@ def use_compile(setting: str, device: torch.device) -> bool:
     if setting not in ("on", "off"):
         raise UserError(f"train.compile={setting!r}: use auto, on or off")
     return setting == "on"
+
+
+LINEAR_PRECISIONS = ("default", "fp8-tensorwise", "fp8-rowwise", "tcfp12")
+
+
+def apply_linear_precision(model: torch.nn.Module, name: str, device: torch.device) -> None:
+    """Convert the model's linear layers to FP8 (torchao) or TCFP-12 before the optimizer is built."""
+    if name == "default":
+        return
+    if name.startswith("fp8-"):
+        from codefoundry.train.fp8 import convert_to_fp8
+
+        convert_to_fp8(model, name.removeprefix("fp8-"), device)
+    elif name == "tcfp12":
+        from codefoundry.train.tcfp import convert_to_tcfp12
+
+        convert_to_tcfp12(model)
+    else:
+        raise UserError(f"train.linear_precision={name!r}: use one of {', '.join(LINEAR_PRECISIONS)}")
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block in the backward pass instead of storing its activations.
+
+    The blocks' ``forward`` is wrapped in place, so parameter names and checkpoints are unchanged.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)

@@ -1,0 +1,178 @@
+"""Training throughput and memory, printed as figures.
+
+    python bench/bench_train.py --preset tiny --seq 256 --batch 8           # CPU
+    python bench/bench_train.py --preset cf-350m --seq 2048 --batch 8 \\
+        --precisions default,fp8-tensorwise,fp8-rowwise,tcfp12            # one GPU
+    python bench/bench_train.py --memory-only                               # chunked-CE peak memory
+
+1. Throughput: tokens/s (and MFU on a known GPU) of `codefoundry pretrain` for a preset and
+   sequence length, next to a plain nanoGPT-style loop training the same model on the same
+   device, so the trainer's overhead (or gain) is read in one run as a ratio.
+2. Memory: peak memory of one forward+backward of the loss at vocab 49k, seq 2048, with and
+   without chunked cross-entropy (``model.loss_chunk``). CUDA: max_memory_allocated; CPU:
+   peak RSS growth of a fresh subprocess per setting (torch's CPU allocator is invisible to
+   tracemalloc).
+
+Data is random tokens over the preset's vocabulary (throughput does not depend on content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from codefoundry.config import build_run_config
+from codefoundry.data.shards import ShardWriter
+from codefoundry.model import Transformer
+from codefoundry.model.presets import get_preset
+from codefoundry.train.metrics import read_metrics
+from codefoundry.train.runtime import autocast, peak_flops, resolve_device, resolve_dtype, use_compile
+from codefoundry.train.smoke import make_synthetic_data
+from codefoundry.train.trainer import pretrain
+
+
+def random_token_data(out: Path, vocab: int, n_tokens: int) -> Path:
+    """A prepared-data directory of uniformly random tokens (the tokenizer file is only carried along)."""
+    make_synthetic_data(out, n_docs=50)  # tokenizer.json + a small val split
+    writer = ShardWriter(out / "train", vocab)
+    rng = np.random.default_rng(0)
+    for _ in range(n_tokens // 4096):
+        writer.add(rng.integers(0, vocab, 4096))
+    writer.close({"split": "train", "vocab_size": vocab})
+    val = ShardWriter(out / "val", vocab)
+    val.close({"split": "val", "vocab_size": vocab})  # empty: no evaluation in the benchmark
+    return out
+
+
+def trainer_throughput(preset: str, seq: int, batch: int, steps: int, data: Path, precision: str,
+                       device: str, compile_: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        run = build_run_config(preset, None, [
+            f"train.data={data}", f"train.out={out}", f"train.max_steps={steps}", f"train.seq_len={seq}",
+            f"train.batch_size={batch}", "train.log_every=5", "train.warmup_steps=5", f"train.device={device}",
+            f"train.linear_precision={precision}", f"train.compile={compile_}", f"model.max_seq_len={max(seq, 64)}",
+            "train.keep_last=1"])
+        pretrain(run, show_progress=False)
+        records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tok_per_s" in r][1:]  # skip warm-up
+    return {"tok_per_s": statistics.median(r["tok_per_s"] for r in records),
+            "mfu": statistics.median(r["mfu"] for r in records) if "mfu" in records[0] else None}
+
+
+def reference_throughput(preset: str, seq: int, batch: int, steps: int, device_name: str, compile_: str) -> dict:
+    """The plain loop: random batches already on the device, AdamW, autocast, clip, step."""
+    device = resolve_device(device_name)
+    dtype = resolve_dtype("auto", device)
+    cfg = dataclasses.replace(get_preset(preset), max_seq_len=max(seq, 64))
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
+    fwd = torch.compile(model) if use_compile(compile_, device) else model
+    data = torch.randint(0, cfg.vocab_size, (steps + 5, batch, seq + 1), device=device)
+
+    def step(i: int) -> None:
+        with autocast(device, dtype):
+            loss = fwd(data[i, :, :-1], data[i, :, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(5):  # warm-up (and compile)
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(steps):
+        step(5 + i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tok_s = steps * batch * seq / (time.perf_counter() - t)
+    peak = peak_flops(device)
+    return {"tok_per_s": tok_s, "mfu": model.flops_per_token(seq) * tok_s / peak if peak else None}
+
+
+def loss_peak_memory(loss_chunk: int, vocab: int = 49152, seq: int = 2048, batch: int = 1, dim: int = 256) -> float:
+    """Peak bytes above the baseline for one forward+backward of the loss (CUDA: allocator; CPU: RSS)."""
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=vocab, dim=dim, n_heads=4, n_kv_heads=2, n_layers=1,
+                              max_seq_len=seq, loss_chunk=loss_chunk)
+    if torch.cuda.is_available():
+        model = Transformer(cfg).cuda()
+        x = torch.randint(0, vocab, (batch, seq + 1), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    code = f"""
+import resource, torch, dataclasses
+from codefoundry.model import Transformer
+from codefoundry.model.presets import get_preset
+torch.set_num_threads(1)
+cfg = dataclasses.replace(get_preset('tiny'), vocab_size={vocab}, dim={dim}, n_heads=4, n_kv_heads=2, n_layers=1,
+                          max_seq_len={seq}, loss_chunk={loss_chunk})
+model = Transformer(cfg)
+x = torch.randint(0, {vocab}, ({batch}, {seq} + 1))
+model(x[:, :16], x[:, 1:17]).backward()  # touch every code path once, so the baseline includes it
+model.zero_grad()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model(x[:, :-1], x[:, 1:]).backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default="auto")
+    p.add_argument("--precisions", default="default", help="comma list: default,fp8-tensorwise,fp8-rowwise,tcfp12")
+    p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args()
+    results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__}
+    if not args.memory_only:
+        vocab = get_preset(args.preset).vocab_size
+        with tempfile.TemporaryDirectory() as tmp:
+            data = random_token_data(Path(tmp), vocab, max(200_000, args.batch * (args.seq + 1) * 4))
+            ref = reference_throughput(args.preset, args.seq, args.batch, args.steps, args.device, args.compile)
+            results["reference_loop"] = ref
+            print(f"{args.preset} seq {args.seq} batch {args.batch}: reference loop {ref['tok_per_s']:,.0f} tok/s"
+                  + (f", MFU {ref['mfu']:.1%}" if ref["mfu"] else ""), flush=True)
+            for precision in args.precisions.split(","):
+                r = trainer_throughput(args.preset, args.seq, args.batch, args.steps, data, precision, args.device,
+                                       args.compile)
+                r["ratio_to_reference"] = r["tok_per_s"] / ref["tok_per_s"]
+                results[f"trainer_{precision}"] = r
+                print(f"  trainer [{precision}]: {r['tok_per_s']:,.0f} tok/s"
+                      + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "")
+                      + f"  ({r['ratio_to_reference']:.2f}x the reference loop)", flush=True)
+    if not args.skip_memory:
+        full, chunked = loss_peak_memory(0), loss_peak_memory(256)
+        results["loss_peak_memory_bytes"] = {"full_ce": full, "chunked_ce_256": chunked,
+                                             "reduction": 1 - chunked / full}
+        print(f"loss fwd+bwd peak memory, vocab 49152, seq 2048: full CE {full / 2**20:,.0f} MiB, "
+              f"chunked (256 rows) {chunked / 2**20:,.0f} MiB -> {1 - chunked / full:.0%} less", flush=True)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Post-training: SFT and DPO data, loops and commands."""

@@ -1,0 +1,206 @@
+"""SFT data: conversation formats, sources, weighted mixing and packing.
+
+Formats (detected per record):
+
+* OpenAI ``{"messages": [{"role", "content", "tool_calls"?}, ...]}``;
+* ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]}``;
+* Alpaca ``{"instruction", "input"?, "output"}``.
+
+Sources are ``PATH.jsonl`` or ``hf:NAME[:SPLIT]`` (Hugging Face ``datasets``, online, the
+``post`` extra), each with an optional ``@WEIGHT``. Records that cannot be used are skipped
+and counted by reason, never silently dropped.
+
+Packing: rendered conversations are laid end to end in rows of ``seq_len`` tokens. Each
+conversation starts with the EOT token and the model runs with document masking on
+(``ModelConfig.doc_mask``), so no token attends across conversations; labels are
+computed per conversation, so none is predicted from its neighbour either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from codefoundry.errors import UserError
+from codefoundry.tokenizer import CodeTokenizer
+from codefoundry.tokenizer.chat import ChatFormatError, render_chat
+
+Messages = list[dict[str, Any]]
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+
+
+def to_messages(record: Any) -> Messages:
+    """OpenAI messages from a record in any supported format; ChatFormatError if it fits none."""
+    if not isinstance(record, dict):
+        raise ChatFormatError("record is not a JSON object")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise ChatFormatError("'messages' must be a list of objects")
+        return msgs
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise ChatFormatError("'conversations' must be a list")
+        out = []
+        for turn in turns:
+            role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+            if role is None:
+                raise ChatFormatError(f"unknown ShareGPT speaker {turn!r:.60}")
+            out.append({"role": role, "content": turn.get("value", "")})
+        return out
+    if "instruction" in record and "output" in record:
+        request = str(record["instruction"])
+        if record.get("input"):
+            request += "\n\n" + str(record["input"])
+        return [{"role": "user", "content": request}, {"role": "assistant", "content": str(record["output"])}]
+    raise ChatFormatError("record has none of 'messages', 'conversations', 'instruction'+'output'")
+
+
+@dataclass
+class Source:
+    """Where conversations come from, and how often the mixture draws from it."""
+
+    location: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str) -> "Source":
+        """``PATH[@WEIGHT]`` or ``hf:NAME[:SPLIT][@WEIGHT]``."""
+        location, _, weight = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise UserError(f"data source {spec!r}: weight {weight!r} is not a number (use PATH@WEIGHT)") from None
+        if w <= 0:
+            raise UserError(f"data source {spec!r}: weight must be positive")
+        return cls(location, w)
+
+    def records(self) -> Iterator[Any]:
+        """Raw records; a line that is not JSON yields the string ``"<bad json>"`` so it gets counted."""
+        if self.location.startswith("hf:"):
+            yield from _hf_records(self.location[3:])
+            return
+        path = Path(self.location)
+        if not path.is_file():
+            raise UserError(f"data file {path} not found (give a JSONL file or hf:DATASET_NAME)")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield "<bad json>"
+
+
+def _hf_records(name: str) -> Iterator[Any]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hf: sources need the `datasets` package: pip install 'codefoundry[post]'") from None
+    name, _, split = name.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # network, missing dataset, bad split: all the user's to fix
+        raise UserError(f"cannot load Hugging Face dataset {name!r} ({exc.__class__.__name__}: {exc})") from None
+    yield from ds
+
+
+@dataclass
+class Example:
+    """One rendered conversation as next-token pairs (labels -100 outside assistant spans)."""
+
+    inputs: list[int]
+    labels: list[int]
+
+
+@dataclass
+class LoadReport:
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return f"{self.kept} conversations" + (f" (skipped: {skipped})" if skipped else "")
+
+
+def render_examples(records: Iterable[Any], tok: CodeTokenizer, seq_len: int,
+                    report: LoadReport | None = None) -> list[Example]:
+    """Render records to examples, skipping (and counting) malformed, untrainable or too long ones."""
+    report = report if report is not None else LoadReport()
+    out = []
+    for record in records:
+        try:
+            rendered = render_chat(tok, to_messages(record))
+        except ChatFormatError:
+            report.skipped["malformed"] += 1
+            continue
+        inputs, labels = rendered.labels()
+        if len(inputs) > seq_len:
+            report.skipped["longer than seq_len"] += 1
+        elif all(t == -100 for t in labels):
+            report.skipped["no assistant tokens"] += 1
+        else:
+            out.append(Example(inputs, labels))
+            report.kept += 1
+    return out
+
+
+class Mixture:
+    """An endless stream of examples: each draw picks a source with probability proportional to
+    its weight, then that source's next example (each source reshuffled every epoch)."""
+
+    def __init__(self, sets: list[list[Example]], weights: list[float], seed: int = 0) -> None:
+        pairs = [(s, w) for s, w in zip(sets, weights) if s]
+        if not pairs:
+            raise UserError("no usable SFT conversations in the given data")
+        self.sets, self.weights = [list(s) for s, _ in pairs], [w for _, w in pairs]
+        self.rng = random.Random(seed)
+        self.cursor = [len(s) for s in self.sets]  # forces a shuffle on first use
+
+    def __iter__(self) -> Iterator[Example]:
+        while True:
+            i = self.rng.choices(range(len(self.sets)), weights=self.weights)[0]
+            if self.cursor[i] == len(self.sets[i]):
+                self.rng.shuffle(self.sets[i])
+                self.cursor[i] = 0
+            self.cursor[i] += 1
+            yield self.sets[i][self.cursor[i] - 1]
+
+
+def pack_rows(examples: Iterable[Example], seq_len: int, pad_id: int) -> Iterator[tuple[list[int], list[int]]]:
+    """Rows of exactly ``seq_len`` (inputs, labels), conversations laid end to end.
+
+    A conversation that does not fit the rest of a row starts the next one (conversations are
+    never split); the remainder of a row is padding with label -100.
+    """
+    row_x: list[int] = []
+    row_y: list[int] = []
+    for ex in examples:
+        if row_x and len(row_x) + len(ex.inputs) > seq_len:
+            pad = seq_len - len(row_x)
+            yield row_x + [pad_id] * pad, row_y + [-100] * pad
+            row_x, row_y = [], []
+        row_x, row_y = row_x + ex.inputs, row_y + ex.labels
+    if row_x:
+        pad = seq_len - len(row_x)
+        yield row_x + [pad_id] * pad, row_y + [-100] * pad
+
+
+def pack_batches(examples: Iterable[Example], batch_size: int, seq_len: int, pad_id: int,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) tensors of shape (rows, seq_len) from :func:`pack_rows`; the last batch
+    of a finite stream may have fewer rows."""
+    rows = pack_rows(examples, seq_len, pad_id)
+    while batch := list(itertools.islice(rows, batch_size)):
+        xs, ys = zip(*batch)
+        yield (torch.tensor(xs, dtype=torch.long, device=device), torch.tensor(ys, dtype=torch.long, device=device))

@@ -1,0 +1,98 @@
+"""Weight-only int8 / int4 quantization: the right layers, the right grids, and a small bpb cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_export_common import code_ids, random_model, tiny_config
+
+from codefoundry.config import build_run_config
+from codefoundry.errors import UserError
+from codefoundry.eval.bpb import bits_per_byte
+from codefoundry.export.quantize import block_linears, load_quantized, quantize_model, weight_bytes
+from codefoundry.infer.generate import generate_tokens
+from codefoundry.train.checkpoint import load_model
+from codefoundry.train.trainer import pretrain
+
+pytest.importorskip("torchao")
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tiny_data, tmp_path_factory):
+    """The tiny preset trained briefly on real code: weights with real structure to round."""
+    out = tmp_path_factory.mktemp("quant-run")
+    overrides = [f"train.data={tiny_data}", f"train.out={out}", "train.max_steps=60", "train.seq_len=64",
+                 "train.batch_size=8", "train.warmup_steps=5", "train.lr=3e-3", "train.log_every=60"]
+    summary = pretrain(build_run_config("tiny", None, overrides), show_progress=False)
+    return summary["checkpoint"]
+
+
+@pytest.mark.parametrize("scheme, levels", [("int8", 256), ("int4", 16)])
+def test_block_weights_are_quantized_on_their_grid(tiny_tokenizer, scheme, levels):
+    tok, _ = tiny_tokenizer
+    model = random_model(tiny_config(tok.vocab_size, n_experts=2, ffn_dim=64, moe_groups=1))
+    before = {name: m.weight.detach().clone() for name, m in block_linears(model)}
+    fp_bytes = weight_bytes(model)
+    quantize_model(model, scheme)
+    assert type(model.embed.weight) is torch.nn.Parameter and model.lm_head.weight is model.embed.weight
+    assert type(model.blocks[0].mlp.router.weight) is torch.nn.Parameter  # routers stay exact
+    for name, m in block_linears(model):
+        w = m.weight
+        q = w.qdata.float()
+        assert q.min() >= -levels // 2 and q.max() <= levels // 2 - 1, name
+        group = m.in_features if scheme == "int8" else 32
+        assert w.scale.shape == (m.out_features, m.in_features // group), name
+        err = (w.dequantize() - before[name]).abs()
+        step = w.scale.repeat_interleave(group, dim=1)
+        assert (err <= step / 2 + 1e-6).all(), name  # round-to-nearest on the grid
+    assert weight_bytes(model) < fp_bytes
+
+
+def test_quantized_model_generates_and_stays_close(tiny_tokenizer):
+    tok, _ = tiny_tokenizer
+    model = random_model(tiny_config(tok.vocab_size, init_std=0.02))
+    ids = code_ids(tok, 64)
+    with torch.no_grad():
+        ref = model(ids)
+        quantize_model(model, "int8")
+        assert (model(ids) - ref).abs().max() < 0.05 * ref.abs().max()
+    out = list(generate_tokens(model, [ids[0].tolist(), ids[0, :10].tolist()], 8))
+    assert len(out) == 8 and out[0].shape == (2,)
+
+
+def test_bad_scheme_and_group_size_are_one_line_errors(tiny_tokenizer):
+    tok, _ = tiny_tokenizer
+    model = random_model(tiny_config(tok.vocab_size))
+    with pytest.raises(UserError, match="use one of none, int8, int4"):
+        quantize_model(model, "int3")
+    with pytest.raises(UserError, match="group size 48 does not divide"):
+        quantize_model(model, "int4", group_size=48)
+    assert quantize_model(model, "none") is model
+
+
+def test_bits_per_byte_cost_int8_within_1_percent_int4_within_5(trained_checkpoint, tiny_data):
+    model, _ = load_model(trained_checkpoint)
+    base = bits_per_byte(model, tiny_data / "val", seq_len=128, dtype=torch.bfloat16)["bpb"]
+    fp32 = bits_per_byte(model, tiny_data / "val", seq_len=128)["bpb"]
+    costs = {}
+    for scheme in ("int8", "int4"):
+        quantized, _ = load_quantized(trained_checkpoint, scheme=scheme)
+        costs[scheme] = bits_per_byte(quantized, tiny_data / "val", seq_len=128)["bpb"] / base - 1
+    print(f"bpb bf16 {base:.4f} fp32 {fp32:.4f}; int8 {costs['int8']:+.2%}, int4 {costs['int4']:+.2%}")
+    assert base < 6.0  # the model learned something, so rounding has structure to damage
+    assert abs(costs["int8"]) < 0.01
+    assert abs(costs["int4"]) < 0.05
+
+
+def test_quantize_flag_reaches_eval_and_generate(trained_checkpoint, tiny_data, capsys):
+    import json
+
+    from codefoundry.cli import main
+
+    assert main(["eval", "bpb", "--checkpoint", str(trained_checkpoint), "--data", str(tiny_data / "val"),
+                 "--seq-len", "128", "--device", "cpu", "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert 0 < json.loads(out[out.index("{"):])["bpb"] < 8
+    assert main(["generate", "--checkpoint", str(trained_checkpoint), "--prompt", "def ", "--temperature", "0",
+                 "--max-new-tokens", "8", "--device", "cpu", "--quantize", "int4"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
