@@ -72,8 +72,9 @@ def main() -> None:
             print(f"trained a small model in {time.perf_counter() - t0:.0f}s -> evaluating on {data}")
         rows = []
         base = None
-        for label, scheme, dtype in [("fp32", "none", torch.float32), ("bf16", "none", torch.bfloat16),
-                                     ("int8", "int8", torch.float32), (f"int4 g{args.group_size}", "int4", torch.float32)]:
+        variants = [("fp32", "none", torch.float32), ("bf16", "none", torch.bfloat16),
+                    ("int8", "int8", torch.float32), (f"int4 g{args.group_size}", "int4", torch.float32)]
+        for label, scheme, dtype in variants:
             model, _ = load_quantized(checkpoint, "cpu", scheme, args.group_size)
             bpb = bits_per_byte(model, data, seq_len=args.seq_len, dtype=dtype)["bpb"]
             base = bpb if label == "bf16" else base

@@ -170,7 +170,8 @@ def test_process_limit_binds_and_fork_bomb_is_contained(isolated):
         "    n += 1\nassert n >= 200, f'forked {n}'\n")
     assert bounded.error == "assertion"
     assert int(bounded.detail.rsplit(" ", 1)[1]) < isolated.limits.max_procs
-    bomb = isolated.run("import posix\nwhile True:\n    try:\n        posix.fork()\n    except OSError:\n        pass\n")
+    bomb = isolated.run("import posix\nwhile True:\n    try:\n        posix.fork()\n"
+                        "    except OSError:\n        pass\n")
     assert bomb.error == "timeout"
     daemon = isolated.run("import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n    time.sleep(60)\n")
     assert daemon.passed

@@ -137,3 +137,11 @@ def test_chat_template_renders_exactly_like_render_chat(tiny_tokenizer, messages
     finally:
         tok.tk.encode_special_tokens = specials
     assert ids == render_chat(tok, messages, generation_prompt).ids
+
+
+def test_training_precision_is_noted_from_train_state(tmp_path):
+    from codefoundry.export.hf import training_notes
+
+    assert training_notes(tmp_path) == []
+    torch.save({"run": {"train": {"linear_precision": "tcfp12"}}, "optimizer": {}}, tmp_path / "train_state.pt")
+    assert "tcfp12" in training_notes(tmp_path)[0]

@@ -35,7 +35,11 @@ def llamacpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
     """Logits (T, V) for ids (1, T) computed from the GGUF alone, the way llama.cpp's graphs do."""
     r = gguf.GGUFReader(path)
     arch = field(r, "general.architecture")
-    hp = lambda key, default=None: field(r, f"{arch}.{key}") if field(r, f"{arch}.{key}") is not None else default  # noqa: E731
+
+    def hp(key, default=None):
+        value = field(r, f"{arch}.{key}")
+        return default if value is None else value
+
     w = gguf_weights(r)
     n_head, n_kv, d = hp("attention.head_count"), hp("attention.head_count_kv"), hp("rope.dimension_count")
     eps = hp("attention.layer_norm_rms_epsilon")

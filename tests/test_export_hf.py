@@ -32,7 +32,8 @@ CASES = {
 def test_export_loads_in_transformers_with_our_logits(tiny_tokenizer, tmp_path, name):
     tok, tok_path = tiny_tokenizer
     model = make_checkpoint(tmp_path / "ckpt", tok_path, **CASES[name])
-    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    args = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")]
+    assert main(args) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = code_ids(tok)
     with torch.no_grad():

@@ -186,20 +186,26 @@ def build_reader(spec: SourceSpec, ledger_dir: Path, languages: set[str] | None)
         raise UserError(f"source {path} does not exist; pass a folder or file of code with --source")
     if path.is_file():
         folder, glob = str(path.parent), path.name
+        kind = "parquet" if path.name.endswith(".parquet") else "jsonl" if path.name.endswith(JSONL_SUFFIXES) else "code"
     else:
-        folder, glob = str(path), None
-    if path.name.endswith(".parquet") or (path.is_dir() and next(path.rglob("*.parquet"), None)):
+        folder, glob, kind = str(path), None, _folder_kind(path)
+    if kind == "parquet":
         reader = CodeParquetReader(folder, glob_pattern=glob or "**/*.parquet", **common)
-    elif path.name.endswith(JSONL_SUFFIXES) or (path.is_dir() and _has_jsonl(path)):
-        reader = CodeJsonlReader(folder, glob_pattern=glob or "**/*.json*", **common)
+    elif kind == "jsonl":
+        reader = CodeJsonlReader(folder, glob_pattern=glob or "**/*.jsonl*", **common)
     else:
         return CodeFolderReader(path, spec.name, ledger, languages)
     reader.ledger, reader.source = ledger, spec.name
     return reader
 
 
-def _has_jsonl(folder: Path) -> bool:
-    return any(p.name.endswith(JSONL_SUFFIXES) for p in folder.rglob("*.json*"))
+def _folder_kind(folder: Path) -> str:
+    """'code' for a folder holding any source file, else 'parquet' / 'jsonl' for a dataset folder."""
+    if next(iter_source_files([folder]), None) is not None:
+        return "code"
+    if next(folder.rglob("*.parquet"), None) is not None:
+        return "parquet"
+    return "jsonl" if next(folder.rglob("*.jsonl*"), None) is not None else "code"
 
 
 class CodeHFReader(_LedgerMixin, HuggingFaceDatasetReader):

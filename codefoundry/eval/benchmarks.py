@@ -113,7 +113,8 @@ class Benchmark:
 
 _INFILL_URL = "https://github.com/openai/human-eval-infilling/raw/master/data/"
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
-    Benchmark("humaneval", "HumanEval.jsonl.gz", "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz",
+    Benchmark("humaneval", "HumanEval.jsonl.gz",
+              "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz",
               humaneval_problems, stop=HUMANEVAL_STOP),
     Benchmark("mbpp", "mbpp.jsonl",
               "https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl",

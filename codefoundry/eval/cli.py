@@ -45,7 +45,8 @@ def add_scoring_args(p: argparse.ArgumentParser, default_ks: str) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors, config.json, tokenizer.json)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory (model.safetensors, config.json, tokenizer.json)")
     p.add_argument("--output", help="results JSONL (default: CHECKPOINT/eval/BENCHMARK.jsonl); samples go beside it")
     p.add_argument("--n", type=positive_int, default=1, help="samples per task (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -102,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_scoring_args(s, default_ks="1,10,100")
     s.set_defaults(func=run_score)
 
-    for name, help_text in (("humaneval", "HumanEval pass@k of a checkpoint"), ("mbpp", "MBPP (3-shot) pass@k of a checkpoint")):
+    for name, help_text in (("humaneval", "HumanEval pass@k of a checkpoint"),
+                            ("mbpp", "MBPP (3-shot) pass@k of a checkpoint")):
         m = sub.add_parser(name, help=help_text)
         add_model_args(m)
         m.set_defaults(func=run_model, benchmark=name)

@@ -60,7 +60,9 @@ class SandboxLimits:
 
     timeout: float = 3.0
     memory_mb: int = 1024
-    max_procs: int = 16  # processes + threads of the sandbox uid (shared by concurrent programs)
+    # Processes + threads: of uid 65534 in all (concurrent programs share it) when run as root,
+    # else beyond those the user already has.
+    max_procs: int = 16
     file_mb: int = 16
     tmpfs_mb: int = 64
 
@@ -124,8 +126,9 @@ class Sandbox:
             namespaces = False
         probe = probe or self._launch(PROBE_PROGRAM, namespaces)
         if not probe.passed:
-            raise SandboxError(f"sandbox self-test failed ({probe.error}: {probe.detail}); without namespaces "
-                               f"the Python installation must be readable by uid {NOBODY}")
+            hint = "" if namespaces or not self.root else (
+                f"; without namespaces the Python installation must be readable by uid {NOBODY}")
+            raise SandboxError(f"sandbox self-test failed ({probe.error}: {probe.detail}){hint}")
         return namespaces
 
     def _launch(self, code: str, namespaces: bool) -> ExecResult:

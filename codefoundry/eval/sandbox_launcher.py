@@ -129,6 +129,18 @@ def _use_python_dirs(python_dirs: dict[str, str]) -> None:
     sys.path_importer_cache.clear()
 
 
+def _threads_of(uid: int) -> int:
+    """Threads owned by ``uid`` now: RLIMIT_NPROC counts all of them, not just the program's."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue  # the process ended meanwhile
+    return count
+
+
 def run_program(job: dict, workdir: str, python_dirs: dict[str, str] | None, verdict_fd: int) -> None:
     """The untrusted side: lock down this process, run the code, report. Never returns."""
     try:
@@ -139,11 +151,14 @@ def run_program(job: dict, workdir: str, python_dirs: dict[str, str] | None, ver
         os.closerange(3, verdict_fd)
         os.closerange(verdict_fd + 1, 1 << 16)
         cpu = int(job["timeout"]) + 1  # SIGXCPU at the soft limit (a timeout), SIGKILL a second later
+        nproc = job["max_procs"]
+        if job["uid"] is None:  # we keep the caller's uid, whose existing threads count against the limit
+            nproc += _threads_of(os.getuid())
         for limit, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1),
                                   (resource.RLIMIT_AS, job["memory_bytes"], job["memory_bytes"]),
                                   (resource.RLIMIT_FSIZE, job["file_bytes"], job["file_bytes"]),
                                   (resource.RLIMIT_NOFILE, 64, 64),
-                                  (resource.RLIMIT_NPROC, job["max_procs"], job["max_procs"]),
+                                  (resource.RLIMIT_NPROC, nproc, nproc),
                                   (resource.RLIMIT_CORE, 0, 0)):
             resource.setrlimit(limit, (soft, hard))
         os.chdir(workdir)

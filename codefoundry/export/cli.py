@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from codefoundry.errors import UserError
-
 DEFAULT_DTYPE = {"hf": "fp32", "gguf": "f16"}
 
 
@@ -20,7 +18,9 @@ def run_export(args: argparse.Namespace) -> int:
         from codefoundry.export.gguf_export import export_gguf
 
         summary = export_gguf(args.checkpoint, args.out, dtype)
-        note = f"; {summary.f16_fallbacks} tensors kept F16 (width not a multiple of 32)" if summary.f16_fallbacks else ""
+        note = ""
+        if summary.f16_fallbacks:
+            note = f"; {summary.f16_fallbacks} tensors kept F16 (width not a multiple of 32)"
         plan = summary.plan
         print(f"export: GGUF {plan.model_type} ({dtype}, {summary.tensors} tensors{note}) -> {summary.path}")
     for line in plan.notes:
@@ -31,8 +31,6 @@ def run_export(args: argparse.Namespace) -> int:
 def run_import(args: argparse.Namespace) -> int:
     from codefoundry.export.hf_import import import_hf
 
-    if args.source_format != "hf":
-        raise UserError(f"--from {args.source_format}: only hf is supported")
     result = import_hf(args.dir, args.out)
     added = f"; added special tokens {result['added_tokens']}" if result["added_tokens"] else ""
     print(f"import: {result['model_type']} (vocab {result['vocab_size']}{added}) -> {result['out']}")

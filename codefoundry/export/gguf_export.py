@@ -35,7 +35,8 @@ import torch
 from codefoundry.config import ModelConfig
 from codefoundry.errors import UserError
 from codefoundry.export.chat_template import CHAT_TEMPLATE
-from codefoundry.export.hf import ExportPlan, default_inv_freq, hf_state_dict, ntk_theta, plan_export, rope_active
+from codefoundry.export.hf import (ExportPlan, default_inv_freq, hf_state_dict, ntk_theta, plan_export, rope_active,
+                                   training_notes)
 from codefoundry.model import Transformer
 from codefoundry.model.rope import rope_frequencies
 from codefoundry.tokenizer import CodeTokenizer
@@ -235,6 +236,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> 
     model, tokenizer = load_model(checkpoint, "cpu")
     cfg = model.cfg
     plan = plan_export(cfg)
+    plan.notes += training_notes(checkpoint)
     arch = gguf_arch(plan, cfg)
     check_llama_bpe(tokenizer)
     tensors = gguf_tensors(model, arch)

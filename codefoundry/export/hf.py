@@ -120,6 +120,26 @@ def plan_export(cfg: ModelConfig) -> ExportPlan:
     return ExportPlan("llama" if gated else "arcee", notes)
 
 
+def training_notes(checkpoint: str | Path) -> list[str]:
+    """What the exports cannot carry about how a checkpoint was *trained* (read from train_state.pt).
+
+    TCFP-12 / FP8 runs keep full-precision master weights and round them inside each matmul;
+    the exports hold those master weights, exactly what codefoundry's own inference runs.
+    """
+    state = Path(checkpoint) / "train_state.pt"
+    if not state.is_file():
+        return []
+    try:  # mmap: the optimizer state in the same file is never read into memory
+        run = torch.load(state, map_location="cpu", mmap=True, weights_only=False).get("run") or {}
+    except Exception:  # torch raises many types for truncated/corrupt pickles; the note is optional
+        return []
+    precision = (run.get("train") or {}).get("linear_precision", "default")
+    if precision == "default":
+        return []
+    return [f"trained with {precision} matmuls, which no runtime here emulates: exported as the "
+            "full-precision master weights (as codefoundry's own inference runs them)"]
+
+
 def hf_name(name: str, model_type: str = "llama") -> str:
     """The transformers name of one of our parameters (``lm_head.weight`` is the same in both)."""
     post = model_type == "exaone4"  # our norms sit after the sublayer: EXAONE 4's post-norms
@@ -253,7 +273,8 @@ def build_hf_model(model: Transformer, tokenizer: CodeTokenizer, dtype: str = "f
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
     if missing or unexpected:
-        raise UserError(f"internal export mapping error: transformers expects {missing[:3]}, got extra {unexpected[:3]}")
+        raise UserError(f"internal export mapping error: transformers expects {missing[:3]}, "
+                        f"got extra {unexpected[:3]}")
     if model.cfg.tie_embeddings:
         hf_model.tie_weights()
     return hf_model.to(DTYPES[dtype]).eval()
@@ -279,6 +300,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> E
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)} for the hf format")
     model, tokenizer = load_model(checkpoint, "cpu")
     plan = plan_export(model.cfg)  # refuse before doing any work
+    plan.notes += training_notes(checkpoint)
     hf_model = build_hf_model(model, tokenizer, dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

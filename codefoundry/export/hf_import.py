@@ -40,7 +40,8 @@ def model_config_from_hf(hf_cfg) -> ModelConfig:
     accepted = set(ARCHITECTURES[model_type][1].values())
     mlp = ACTIVATION_TO_MLP.get(hf_cfg.hidden_act)
     if hf_cfg.hidden_act not in accepted:
-        problems.append(f"hidden_act={hf_cfg.hidden_act!r} (our {model_type} mapping takes {', '.join(sorted(accepted))})")
+        problems.append(f"hidden_act={hf_cfg.hidden_act!r} (our {model_type} mapping takes "
+                        f"{', '.join(sorted(accepted))})")
     rope = dict(hf_cfg.rope_parameters or {})
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ("default", "linear"):

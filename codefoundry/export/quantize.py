@@ -84,7 +84,7 @@ def weight_bytes(model: nn.Module) -> int:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        parts = [getattr(p, a) for a in ("qdata", "scale", "zero_point") if isinstance(getattr(p, a, None), torch.Tensor)]
+        parts = [t for a in ("qdata", "scale", "zero_point") if isinstance(t := getattr(p, a, None), torch.Tensor)]
         total += sum(t.numel() * t.element_size() for t in parts) if parts else p.numel() * p.element_size()
     return total
 
