@@ -18,12 +18,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
 fi
-if ! "$VENV/bin/python" -c 'import codefoundry, pytest, datatrove, transformers, gguf' 2>/dev/null; then
+# (Re)install when pyproject.toml changed since the last install into this venv.
+STAMP="$VENV/.codefoundry-installed"
+WANT=$(sha1sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q torch==2.13.0
   fi
-  "$VENV/bin/python" -m pip install -q -e ".[dev,data,hf,export,serve]"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,data,hf,export,quant,serve]"
+  echo "$WANT" > "$STAMP"
 fi
 
 cmd=${1:-speedrun}; shift || true

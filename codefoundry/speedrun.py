@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,8 @@ def write_report(out: Path, results: dict[str, Any], samples: list[tuple[str, st
 
 
 def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path | None, overrides: list[str],
-             vocab_size: int, tokenizer_mb: float, val_fraction: float, n_samples: int = 4) -> dict[str, Any]:
+             vocab_size: int, tokenizer_mb: float, val_fraction: float, fim_rate: float = 0.0,
+             n_samples: int = 4) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -95,7 +97,7 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
 
     t = time.perf_counter()
     print("[2/5] data: pretokenize train/val shards", flush=True)
-    data = prepare(sources, tokenizer, out / "data", val_fraction)
+    data = prepare(sources, tokenizer, out / "data", val_fraction, fim_rate=fim_rate, workers=os.cpu_count() or 1)
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -136,7 +138,7 @@ def run_speedrun(args: argparse.Namespace) -> int:
     if not Path(recipe).is_file():
         raise UserError(f"recipe {recipe} not found; pass --config PATH")
     speedrun(Path(args.out), sources, args.minutes, recipe, args.overrides, args.vocab_size, args.tokenizer_mb,
-             args.val_fraction)
+             args.val_fraction, args.fim_rate)
     return 0
 
 
@@ -149,5 +151,7 @@ def register(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tokenizer-mb", type=float, default=0, help="MB of code to train the tokenizer on (0 = all)")
     p.add_argument("--val-fraction", type=float, default=0.04)
+    p.add_argument("--fim-rate", type=float, default=0.0,
+                   help="fill-in-the-middle rate for the training split (0 spends the short budget on left-to-right)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")
     p.set_defaults(func=run_speedrun)

@@ -54,3 +54,27 @@ def test_missing_tokenizer_is_one_line_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not a valid"):
         CodeTokenizer.from_file(bad)
+
+
+def test_fast_bulk_encoder_gives_identical_ids(tiny_tokenizer):
+    pytest.importorskip("tiktoken")
+    from codefoundry.data.sources import iter_source_files, read_text, stdlib_root
+
+    tok, path = tiny_tokenizer
+    texts = [t for sf in iter_source_files([stdlib_root() / "json", stdlib_root() / "email"]) if (t := read_text(sf.path)[0])]
+    texts += SAMPLES
+    assert tok._fast_encoder(), "tiktoken path should be available for our own tokenizers"
+    slow = [e.ids for e in tok.tk.encode_batch(texts, add_special_tokens=False)]
+    assert tok.encode_batch(texts) == slow
+
+
+def test_fast_encoder_refuses_foreign_pre_tokenizers(tiny_tokenizer, tmp_path):
+    pytest.importorskip("tiktoken")
+    from tokenizers import pre_tokenizers
+
+    _, path = tiny_tokenizer
+    other = CodeTokenizer.from_file(path)
+    other.tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 split, not ours
+    assert not other._fast_encoder()
+    text = "x = 1  # comment\n    y = 22\n"
+    assert other.encode_batch([text]) == [other.encode(text)]

@@ -4,12 +4,19 @@ Training and the on-disk format are HF `tokenizers` (so `transformers` loads the
 unchanged); :class:`CodeTokenizer` adds the ids of our special tokens and helpers for
 FIM prompts. Raw code is always encoded with special-token parsing off, so a source file
 that happens to contain ``<|endoftext|>`` can never inject a control token.
+
+Bulk encoding (``encode_batch``) goes through ``tiktoken`` when it is installed (the ``data``
+extra): built from the same merges and the same split regex it yields identical ids about
+four times faster. It is used only for tokenizers with our pre-tokenizer, and only after it
+reproduces HF's ids on a probe text; otherwise HF `tokenizers` does the work.
 """
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -30,6 +37,7 @@ class CodeTokenizer:
         self.bos_id = self.eot_id
         self.fim_prefix_id, self.fim_middle_id = ids[sp.FIM_PREFIX], ids[sp.FIM_MIDDLE]
         self.fim_suffix_id, self.fim_pad_id = ids[sp.FIM_SUFFIX], ids[sp.FIM_PAD]
+        self._fast: Any = None  # tiktoken.Encoding once built; False when unavailable
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CodeTokenizer":
@@ -57,7 +65,15 @@ class CodeTokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        fast = self._fast_encoder()
+        if fast:
+            return fast.encode_ordinary_batch(texts)
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def _fast_encoder(self) -> Any:
+        if self._fast is None:
+            self._fast = _build_tiktoken(self) or False
+        return self._fast
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
@@ -66,6 +82,46 @@ class CodeTokenizer:
         """PSM-ordered infilling prompt; the model continues with the middle."""
         return ([self.fim_prefix_id] + self.encode(prefix) + [self.fim_suffix_id] + self.encode(suffix)
                 + [self.fim_middle_id])
+
+
+PROBE = "def f(x):\r\n\treturn [x**2 for x in range(1234)]  # café 東京\n        pass\n\n\n  'it''s'\n"
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-unicode table (what byte-level BPE tokens are spelled in), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _build_tiktoken(tok: CodeTokenizer) -> Any:
+    """A tiktoken Encoding equal to ``tok`` for ordinary text, or None if that cannot be guaranteed."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    state = json.loads(tok.tk.to_str())
+    splits = [p for p in (state.get("pre_tokenizer") or {}).get("pretokenizers", []) if p.get("type") == "Split"]
+    if len(splits) != 1 or splits[0].get("pattern", {}).get("Regex") != sp.SPLIT_PATTERN or state.get("normalizer"):
+        return None
+    decoder = _byte_decoder()
+    specials = set(tok.special_ids.values())
+    try:
+        ranks = {bytes(decoder[c] for c in token): i for token, i in tok.tk.get_vocab().items() if i not in specials}
+        enc = tiktoken.Encoding("codefoundry", pat_str=sp.SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    except (KeyError, ValueError):
+        return None
+    if enc.encode_ordinary(PROBE) != tok.encode(PROBE):
+        return None
+    return enc
 
 
 def build_untrained() -> Tokenizer:
