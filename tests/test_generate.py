@@ -67,3 +67,29 @@ def test_stream_joins_to_completion_and_honours_stop(tiny_tokenizer):
     assert cut == full[:full.find(stop)]
     [batched] = complete_batch(model, tok, [prompt], 30, temperature=1.0, seed=3, stop=[stop])
     assert batched == cut
+
+
+def test_strided_windows_score_every_target_once():
+    from codefoundry.eval.bpb import score_windows
+
+    for n, t, s in [(1000, 64, 64), (1000, 64, 16), (65, 64, 32), (10, 64, 32), (1, 8, 4)]:
+        scored = []
+        for start, first in score_windows(n, t, s):
+            end = min(start + t, n)
+            assert start <= first < end and end - first <= t
+            scored.extend(range(first, end))
+        assert scored == list(range(n))
+
+
+def test_strided_bpb_equals_plain_when_stride_is_seq_len(tiny_data):
+    from codefoundry.eval.bpb import bits_per_byte
+    from codefoundry.model import Transformer
+    from codefoundry.model.presets import get_preset
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny")).eval()
+    plain = bits_per_byte(model, tiny_data / "val", seq_len=64)
+    same = bits_per_byte(model, tiny_data / "val", seq_len=64, stride=64)
+    strided = bits_per_byte(model, tiny_data / "val", seq_len=64, stride=16)
+    assert plain["bpb"] == same["bpb"] and plain["tokens"] == strided["tokens"]
+    assert strided["bpb"] != plain["bpb"]  # the same targets, scored with different context

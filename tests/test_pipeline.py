@@ -33,7 +33,8 @@ def test_speedrun_end_to_end(tmp_path, bad_files, capsys):
     assert main(["generate", f"--checkpoint={ckpt}", "--prompt=def f(x):\n", "--max-new-tokens=8",
                  "--temperature=0"]) == 0
     assert capsys.readouterr().out.startswith("def f(x):\n")
-    assert main(["eval", "bpb", f"--checkpoint={ckpt}", f"--data={out / 'data' / 'val'}", "--seq-len=64"]) == 0
+    assert main(["eval", "bpb", f"--checkpoint={ckpt}", f"--data={out / 'data' / 'val'}", "--seq-len=64",
+                 "--stride=32"]) == 0
     assert json.loads(capsys.readouterr().out)["bpb"] == pytest.approx(ev["bpb"], rel=1e-4)
     assert main(["plot", str(out / "run")]) == 0
 

@@ -23,34 +23,52 @@ from codefoundry.progress import Progress
 from codefoundry.train.runtime import autocast
 
 
+def score_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(window start, first target it scores) covering every target exactly once.
+
+    With ``stride < seq_len`` windows overlap and each scores only its targets not scored
+    before, so every token after the first window is predicted with at least
+    ``seq_len - stride`` tokens of context (strided sliding-window evaluation).
+    """
+    windows, scored_to, start = [], 0, 0
+    while scored_to < n_targets:
+        windows.append((start, scored_to))
+        scored_to = min(start + seq_len, n_targets)
+        start += stride
+    return windows
+
+
 @torch.no_grad()
 def bits_per_byte(model: Transformer, shard_dir: str | Path, seq_len: int | None = None, batch_size: int = 8,
-                  dtype: torch.dtype = torch.float32, show_progress: bool = False) -> dict[str, Any]:
+                  dtype: torch.dtype = torch.float32, show_progress: bool = False,
+                  stride: int | None = None) -> dict[str, Any]:
     shard = Shard(shard_dir)
     device = model.embed.weight.device
     seq_len = seq_len or model.cfg.max_seq_len
+    stride = min(stride or seq_len, seq_len)
     eot = int(shard.tokens[0]) if len(shard.tokens) else 0
     stream = np.concatenate([np.asarray(shard.tokens, dtype=np.int64), [eot]])
     n_targets = len(stream) - 1
-    n_windows = math.ceil(n_targets / seq_len)
+    windows = score_windows(n_targets, seq_len, stride)
     model.eval()
     nats = 0.0
-    progress = Progress("bits per byte", total=n_windows, unit="win", enabled=show_progress)
-    for lo in range(0, n_windows, batch_size):
-        rows = range(lo, min(lo + batch_size, n_windows))
+    progress = Progress("bits per byte", total=len(windows), unit="win", enabled=show_progress)
+    for lo in range(0, len(windows), batch_size):
+        rows = windows[lo:lo + batch_size]
         x = torch.zeros(len(rows), seq_len, dtype=torch.long)
         y = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
-        for r, w in enumerate(rows):
-            seg = stream[w * seq_len: w * seq_len + seq_len + 1]
-            x[r, :len(seg) - 1] = torch.from_numpy(seg[:-1])
-            y[r, :len(seg) - 1] = torch.from_numpy(seg[1:])
+        for r, (start, first) in enumerate(rows):
+            seg = stream[start: start + seq_len + 1]
+            n = len(seg) - 1
+            x[r, :n] = torch.from_numpy(seg[:-1])
+            y[r, first - start:n] = torch.from_numpy(seg[first - start + 1:])
         with autocast(device, dtype):
             nats += model(x.to(device), y.to(device), reduction="sum").item()
         progress.update(len(rows))
     progress.close()
     n_bytes = shard.meta["bytes"]
     return {"bpb": nats / math.log(2) / n_bytes, "loss": nats / n_targets, "tokens": n_targets, "bytes": n_bytes,
-            "documents": len(shard)}
+            "documents": len(shard), "seq_len": seq_len, "stride": stride}
 
 
 def compressor_bpb(texts: list[str]) -> dict[str, float]:
@@ -79,7 +97,8 @@ def run_bpb(args) -> int:
     model, tokenizer = load_model(args.checkpoint, device)
     model = quantize_model(model, args.quantize)
     dtype = resolve_dtype("auto", device)
-    result = bits_per_byte(model, args.data, args.seq_len, args.batch_size, dtype, show_progress=True)
+    result = bits_per_byte(model, args.data, args.seq_len, args.batch_size, dtype, show_progress=True,
+                           stride=args.stride)
     if args.baselines:
         result.update(compressor_bpb(shard_texts(args.data, tokenizer)))
     print(json.dumps(result, indent=2))
@@ -93,6 +112,8 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--data", required=True, help="shard directory (e.g. DATA/val)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: model context)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding-window step (default: seq len, no overlap); smaller gives every token more context")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--baselines", action="store_true", help="also report gzip -9 and xz -9e on the same files")
