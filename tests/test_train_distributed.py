@@ -1,7 +1,8 @@
 """DDP and FSDP2 on CPU (gloo, 2 ranks) give the losses of one process on the same global batch.
 
-Ranks are forked from the test process with torchrun's environment variables set, so they
-run the same `pretrain` code a torchrun launch does, without paying for fresh interpreters.
+Ranks are spawned from the test process with torchrun's environment variables set, so they
+run the same `pretrain` code a torchrun launch does. (Not forked: a child forked from a
+process whose OpenMP pool already ran can deadlock, as it did here outside OMP_NUM_THREADS=1.)
 """
 
 import os
@@ -64,7 +65,7 @@ def single(data, tmp_path_factory):
 def test_two_ranks_match_one_process(data, single, tmp_path, parallel):
     single_out, single_losses = single
     mp.start_processes(_rank, args=(2, _free_port(), _run(data, tmp_path, 2, parallel)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     assert _losses(tmp_path) == pytest.approx(single_losses, rel=2e-4)
     model, _ = load_model(tmp_path / "checkpoint")  # gathered full weights, readable by everything downstream
     ref, _ = load_model(single_out / "checkpoint")
@@ -76,5 +77,5 @@ def test_two_ranks_match_one_process(data, single, tmp_path, parallel):
     # resume (sharded state under FSDP) from the step-3 save: the same curve again
     shutil.rmtree(tmp_path / "checkpoints" / f"step_{STEPS:08d}")
     mp.start_processes(_rank, args=(2, _free_port(), _run(data, tmp_path, 2, parallel), "auto"), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     assert _losses(tmp_path) == pytest.approx(single_losses, rel=2e-4)
