@@ -110,3 +110,14 @@ def test_quantize_flag_reaches_eval_and_generate(trained_checkpoint, tiny_data, 
     assert main(["generate", "--checkpoint", str(trained_checkpoint), "--prompt", "def ", "--temperature", "0",
                  "--max-new-tokens", "8", "--device", "cpu", "--quantize", "int4"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_chat_agent_and_serve_load_quantized(trained_checkpoint):
+    from codefoundry.cli import build_parser
+    from codefoundry.infer.cli import load_for_inference
+
+    for command in ("chat", "serve"):
+        args = build_parser().parse_args([command, "--checkpoint", str(trained_checkpoint), "--device", "cpu",
+                                          "--quantize", "int8"])
+        model, _ = load_for_inference(args)
+        assert all(hasattr(m.weight, "qdata") for _, m in block_linears(model)), command

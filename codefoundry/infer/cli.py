@@ -123,6 +123,7 @@ def register(subparsers) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16")
+    add_quantize_argument(s)
     s.set_defaults(func=run_serve)
 
 
@@ -134,16 +135,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16")
+    from codefoundry.export.quantize import add_quantize_argument
+
+    add_quantize_argument(p)
 
 
 def load_for_inference(args: argparse.Namespace):
-    """Model (in the requested dtype) and tokenizer for chat/agent/serve."""
+    """Model (in the requested dtype, weight-quantized if asked) and tokenizer for chat/agent/serve."""
+    from codefoundry.export.quantize import quantize_model
     from codefoundry.train.checkpoint import load_model
     from codefoundry.train.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     model, tok = load_model(args.checkpoint, device)
-    return model.to(resolve_dtype(args.dtype, device)), tok
+    return quantize_model(model.to(resolve_dtype(args.dtype, device)), args.quantize), tok
 
 
 def _load(args: argparse.Namespace):
