@@ -89,13 +89,11 @@ def shard_texts(shard_dir: str | Path, tokenizer) -> list[str]:
 def run_bpb(args) -> int:
     import json
 
-    from codefoundry.export.quantize import quantize_model
-    from codefoundry.train.checkpoint import load_model
+    from codefoundry.export.quantize import load_quantized
     from codefoundry.train.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.checkpoint, device)
-    model = quantize_model(model, args.quantize)
+    model, tokenizer = load_quantized(args.checkpoint, device, args.quantize)
     dtype = resolve_dtype("auto", device)
     result = bits_per_byte(model, args.data, args.seq_len, args.batch_size, dtype, show_progress=True,
                            stride=args.stride)

@@ -69,7 +69,11 @@ def quantize_model(model: Transformer, scheme: str, group_size: int = DEFAULT_GR
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", scheme: str = "none",
                    group_size: int = DEFAULT_GROUP_SIZE):
-    """``load_model`` followed by :func:`quantize_model`: what generate / eval / serve call for --quantize."""
+    """``load_model`` followed by :func:`quantize_model`: what `generate` and `eval bpb` call for --quantize.
+
+    (chat / agent / serve go through ``infer.cli.load_for_inference``, which casts to the
+    requested dtype between loading and quantizing.)
+    """
     from codefoundry.train.checkpoint import load_model
 
     model, tokenizer = load_model(path, device)

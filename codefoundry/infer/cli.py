@@ -50,13 +50,11 @@ def run_speculative(args: argparse.Namespace, model, tokenizer, prompt_ids: list
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from codefoundry.export.quantize import quantize_model
+    from codefoundry.export.quantize import load_quantized
     from codefoundry.infer.generate import stream
-    from codefoundry.train.checkpoint import load_model
     from codefoundry.train.runtime import resolve_device
 
-    model, tokenizer = load_model(args.checkpoint, resolve_device(args.device))
-    model = quantize_model(model, args.quantize)
+    model, tokenizer = load_quantized(args.checkpoint, resolve_device(args.device), args.quantize)
     if args.fim:
         prompt: str | list[int] = tokenizer.fim_prompt(read_prompt(args), args.suffix or "")
     else:

@@ -41,6 +41,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_parts: dict[str, torch.Tensor] = {}  # auxiliary terms of the latest training loss
+        # The MoE layers, found once: the loss, post_step and metrics visit them every step.
+        self.moe_layers: list[MoE] = [m for m in self.modules() if isinstance(m, MoE)]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -106,7 +108,7 @@ class Transformer(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         if with_z:
             parts["z_loss"] = c.z_loss * z / n
-        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        aux = [m.aux_loss for m in self.moe_layers if m.aux_loss is not None]
         if aux:
             parts["moe_aux_loss"] = sum(aux)
         if len(self.mtp):
@@ -157,9 +159,8 @@ class Transformer(nn.Module):
 
     def post_step(self) -> None:
         """Called by the trainer after each optimizer step: MoE aux-loss-free bias updates."""
-        for m in self.modules():
-            if isinstance(m, MoE):
-                m.update_bias()
+        for m in self.moe_layers:
+            m.update_bias()
 
     def extra_metrics(self) -> dict[str, float]:
         """Auxiliary loss terms of the latest step, and MoE router load since the previous call.
@@ -168,7 +169,7 @@ class Transformer(nn.Module):
         perfectly even). ``moe_load_max``: the busiest expert's load relative to an even share.
         """
         out = {k: float(v) for k, v in self.loss_parts.items()}
-        loads = [m.load_fractions() for m in self.modules() if isinstance(m, MoE)]
+        loads = [m.load_fractions() for m in self.moe_layers]
         if loads and all(f.sum() > 0 for f in loads):
             fractions = torch.stack(loads)
             mean = 1.0 / fractions.shape[1]
@@ -190,7 +191,7 @@ class Transformer(nn.Module):
 
     def num_active_params(self, exclude_embedding: bool = False) -> int:
         """Parameters one token uses: all of them minus the routed experts it is not sent to."""
-        inactive = sum(m.inactive_params() for m in self.modules() if isinstance(m, MoE))
+        inactive = sum(m.inactive_params() for m in self.moe_layers)
         return self.num_params(exclude_embedding) - inactive
 
     def flops_per_token(self, seq_len: int) -> float:
