@@ -4,8 +4,8 @@
 
 Trains on the training split of ``--source`` (default: the standard library) up to ``--max-mb`` and
 measures on its held-out files (split by path hash, so they never shaped either vocabulary). Also
-prints encoding speed: SuperBPE tokenizers cannot use the tiktoken fast path. Run with
-``RAYON_NUM_THREADS=1`` for per-core figures.
+prints bulk-encoding speed (the fastokens path for both). Run with ``RAYON_NUM_THREADS=1`` for
+per-core figures.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from codefoundry.data.decontam import Decontaminator, find_benchmark_files
-from codefoundry.data.dedup import code_shingles, lsh_bands
+from codefoundry.data.dedup import IDENTIFIER, code_shingles, identifier_hashes, lsh_bands, minhash_signature
 from codefoundry.data.prepare import prepare
 from codefoundry.data.shards import Shard
 from codefoundry.data.sources import stdlib_root
@@ -49,6 +50,39 @@ def test_shingles_see_through_formatting_and_bands_fit_the_threshold():
     assert _jaccard(BASE, OTHERS[0].read_text()) < 0.2
     b, r = lsh_bands(0.7, 256)
     assert b * r <= 256 and abs((1 / b) ** (1 / r) - 0.7) < 0.06  # the LSH S-curve's midpoint sits at 0.7
+
+
+def test_lsh_bands_match_datasketch_optimiser():
+    datasketch = pytest.importorskip("datasketch")
+    for threshold, num_perm in [(0.5, 256), (0.7, 256), (0.8, 128), (0.9, 64)]:
+        lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm)
+        assert lsh_bands(threshold, num_perm) == (lsh.b, lsh.r)
+
+
+def test_identifier_hashes_are_position_free_token_hashes():
+    text = "def f(x1, _y):\n    return x1 + 2 * _y  # 3abc 0x1f café\n\tdef x1"
+    tokens = re.findall(rb"(?<![A-Za-z0-9_\x80-\xff])[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*", text.encode())
+    assert tokens[:6] == [b"def", b"f", b"x1", b"_y", b"return", b"x1"] and b"abc" not in tokens
+    expected = [sum(byte * pow(0x01000193, k + 1, 2**32) for k, byte in enumerate(t)) % 2**32 for t in tokens]
+    assert identifier_hashes(text).tolist() == expected  # so a token hashes the same wherever it stands
+    assert identifier_hashes("").tolist() == [] and identifier_hashes("123 + 4.5").tolist() == []
+
+
+def test_minhash_signature_estimates_jaccard():
+    rng = np.random.default_rng(0)
+    a = (rng.integers(0, 2**32, 256, dtype=np.uint64) | 1).astype(np.uint32)
+    errors = []
+    for _ in range(40):
+        pool = rng.integers(0, 2**63, 6000, dtype=np.uint64)
+        n, shared = int(rng.integers(200, 3000)), rng.uniform(0.2, 1.0)
+        k = int(n * shared)
+        x, y = pool[:n], np.concatenate([pool[:k], pool[n:2 * n - k]])
+        truth = k / (2 * n - k)
+        estimate = (minhash_signature(x, a) == minhash_signature(y, a)).mean()
+        errors.append(estimate - truth)
+    assert abs(np.mean(errors)) < 0.015 and np.std(errors) < 0.04  # theory: s.d. <= 0.031 at 256 permutations
+    x = pool[:500]
+    assert np.array_equal(minhash_signature(np.concatenate([x, x[::-1]]), a), minhash_signature(x, a))
 
 
 def test_exact_and_near_dedup_keep_one_per_cluster(tiny_tokenizer, tmp_path):

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from codefoundry.tokenizer import SPECIAL_TOKENS, CodeTokenizer
@@ -57,24 +58,27 @@ def test_missing_tokenizer_is_one_line_error(tmp_path):
 
 
 def test_fast_bulk_encoder_gives_identical_ids(tiny_tokenizer):
-    pytest.importorskip("tiktoken")
+    pytest.importorskip("fastokens")
     from codefoundry.data.sources import iter_source_files, read_text, stdlib_root
 
     tok, path = tiny_tokenizer
     texts = [t for sf in iter_source_files([stdlib_root() / "json", stdlib_root() / "email"]) if (t := read_text(sf.path)[0])]
-    texts += SAMPLES
-    assert tok._fast_encoder(), "tiktoken path should be available for our own tokenizers"
+    texts += SAMPLES + ["<|endoftext|> and <|fim_middle|> are text here", ""]
+    assert tok._fast_encoder(), "the fastokens path should be available for our own tokenizers"
     slow = [e.ids for e in tok.tk.encode_batch(texts, add_special_tokens=False)]
     assert tok.encode_batch(texts) == slow
 
 
-def test_fast_encoder_refuses_foreign_pre_tokenizers(tiny_tokenizer, tmp_path):
-    pytest.importorskip("tiktoken")
-    from tokenizers import pre_tokenizers
+def test_fast_encoder_is_refused_when_it_disagrees(tiny_tokenizer, monkeypatch):
+    fastokens = pytest.importorskip("fastokens")
 
+    class Wrong:
+        def encode_batch_flat(self, texts, split_special_tokens):
+            return np.zeros(3, dtype=np.uint32).tobytes(), np.array([0, 3], dtype=np.uint64).tobytes()
+
+    monkeypatch.setattr(fastokens.Tokenizer, "from_json_str", lambda _: Wrong())
     _, path = tiny_tokenizer
     other = CodeTokenizer.from_file(path)
-    other.tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 split, not ours
     assert not other._fast_encoder()
     text = "x = 1  # comment\n    y = 22\n"
     assert other.encode_batch([text]) == [other.encode(text)]

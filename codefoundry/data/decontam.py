@@ -7,15 +7,18 @@ solution, an MBPP task text or reference solution. Needles shorter than ``min_ch
 their task is still covered by its docstring.
 
 Matching is fast without an Aho-Corasick automaton: each needle is indexed by its longest
-*interior* words (interior words are whole words in any text that contains the needle), so a
-document is only searched for the rare needles whose three longest interior words it contains.
+*interior* words that are not Python keywords or builtins (interior words are whole words in
+any text that contains the needle), so a document is only searched for the rare needles whose
+three anchor words it contains.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import gzip
 import json
+import keyword
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ from codefoundry.errors import UserError
 HUMANEVAL_NAMES = ("HumanEval.jsonl.gz", "HumanEval.jsonl")
 MBPP_NAMES = ("mbpp.jsonl", "mbpp.jsonl.gz")
 ANCHOR_WORDS = 3
+# Words nearly every Python file contains make poor anchors ("return" was one, and sent 3 in 4
+# stdlib files to the slow path): anchors are the longest interior words not among these.
+COMMON_WORDS = frozenset(keyword.kwlist) | frozenset(dir(builtins))
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ class Decontaminator:
         self.too_short = len(needles) - len(self.needles)
         self.by_anchor: dict[str, list[tuple[frozenset[str], Needle]]] = defaultdict(list)
         for n in self.needles:
-            interior = sorted(set(n.text.split()[1:-1]), key=lambda w: (-len(w), w))[:ANCHOR_WORDS]
+            interior = sorted(set(n.text.split()[1:-1]), key=lambda w: (w in COMMON_WORDS, -len(w), w))[:ANCHOR_WORDS]
             self.by_anchor[interior[0]].append((frozenset(interior), n))
         self.anchors = frozenset(self.by_anchor)
 
@@ -133,14 +139,13 @@ class Decontaminator:
 
     def find(self, text: str) -> Needle | None:
         words = text.split()
-        vocabulary = set(words)
-        hits = self.anchors & vocabulary
+        hits = self.anchors.intersection(words)  # a small set: the document's words are never stored
         if not hits:
             return None
         normalized = None
         for anchor in sorted(hits):
             for keys, needle in self.by_anchor[anchor]:
-                if keys <= vocabulary:
+                if all(k in text for k in keys):  # C-speed substring tests before any normalising
                     normalized = normalized or " ".join(words)
                     if needle.text in normalized:
                         return needle

@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
 
 from codefoundry.tokenizer import CodeTokenizer
 
@@ -44,16 +47,20 @@ def fim_split(text: str, rate: float, seed: int, doc_id: str) -> FimSplit | None
     return FimSplit(mode, text[:lo], text[lo:hi], text[hi:])
 
 
-def fim_tokens(tok: CodeTokenizer, split: FimSplit, encoded: tuple[list[int], list[int], list[int]]) -> list[int]:
+def fim_tokens(tok: CodeTokenizer, split: FimSplit, encoded: tuple[Sequence[int], Sequence[int], Sequence[int]]
+               ) -> np.ndarray:
     """Token ids of one FIM row from the separately encoded (prefix, middle, suffix)."""
     pre, mid, suf = encoded
     if split.mode == "psm":
-        return [tok.fim_prefix_id, *pre, tok.fim_suffix_id, *suf, tok.fim_middle_id, *mid]
-    return [tok.fim_prefix_id, tok.fim_suffix_id, *suf, tok.fim_middle_id, *pre, *mid]
+        parts = [[tok.fim_prefix_id], pre, [tok.fim_suffix_id], suf, [tok.fim_middle_id], mid]
+    else:
+        parts = [[tok.fim_prefix_id, tok.fim_suffix_id], suf, [tok.fim_middle_id], pre, mid]
+    return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
 
-def reassemble(tok: CodeTokenizer, ids: list[int]) -> str:
+def reassemble(tok: CodeTokenizer, ids: Sequence[int]) -> str:
     """The original document from a FIM (or plain) row: the inverse that tests check."""
+    ids = [int(i) for i in ids]
     p, s, m = tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id
     if not ids or ids[0] != p:
         return tok.decode(ids)

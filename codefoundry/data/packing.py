@@ -50,7 +50,7 @@ class PartWriter:
     def _code(self, kind: str, name: str) -> int:
         return self.names[kind].setdefault(name, len(self.names[kind]))
 
-    def add(self, ids: list[int], key: int, n_bytes: int, language: str, source: str) -> None:
+    def add(self, ids: np.ndarray, key: int, n_bytes: int, language: str, source: str) -> None:
         self.writer.add(ids)
         self.info.append((key, n_bytes, self._code("language", language), self._code("source", source)))
 
@@ -92,15 +92,15 @@ class TokenizeToParts(PipelineStep):
         def flush() -> None:
             pieces = [p for _, (_, _, text, cut) in batch for p in ((text,) if cut is None else
                                                                        (cut.prefix, cut.middle, cut.suffix))]
-            encoded = iter(tok.encode_batch(pieces))
+            encoded = iter(tok.encode_arrays(pieces))
             for doc, (split, key, text, cut) in batch:
                 if cut is None:
                     ids = next(encoded)
                 else:
                     ids = fim_tokens(tok, cut, (next(encoded), next(encoded), next(encoded)))
                     fim_rows[cut.mode] += 1
-                parts[split].add([tok.eot_id, *ids], key, len(text.encode()), doc.metadata["language"],
-                                 doc.metadata["source"])
+                parts[split].add(np.concatenate(([tok.eot_id], ids)), key, len(text.encode()),
+                                 doc.metadata["language"], doc.metadata["source"])
                 self.stat_update("documents_written")
             batch.clear()
 

@@ -6,7 +6,7 @@
                   -> kept documents (JSONL) + exact-dedup hashes                     [T tasks]
     2 exact       find byte-identical copies                                          [1 task]
     3 minhash     drop exact copies -> MinHash signatures                             [T tasks]
-    4 buckets     LSH buckets -> candidate pairs                                      [1 task per band]
+    4 buckets     LSH buckets -> candidate pairs                                      [<= T tasks]
     5 clusters    union-find -> one document kept per cluster                         [1 task]
     6 tokenize    drop exact + near copies -> weights, FIM, tokens -> part shards     [T tasks]
     7 merge       parts -> OUT/train, OUT/val (+ OUT/val_by_<kind>/<domain>)          [in process]
@@ -34,15 +34,15 @@ from typing import Any
 from datatrove.data import DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from loguru import logger
 
 from codefoundry.data.decontam import Decontaminator, DecontaminationFilter, find_benchmark_files
-from codefoundry.data.dedup import CodeMinhashSignature, exact_config, minhash_config
-from codefoundry.data.filters import LanguageFilter, heuristic_filters
+from codefoundry.data.dedup import BandedMinhashBuckets, CodeMinhashSignature, exact_config, minhash_config
+from codefoundry.data.filters import CodeFilter, FilterChain, LanguageFilter, heuristic_filters
 from codefoundry.data.ledger import DropLedger, merge_ledgers
 from codefoundry.data.packing import TokenizeToParts, domains_of, merge_parts
 from codefoundry.data.readers import SourceSpec, build_reader
@@ -135,12 +135,13 @@ def build_stages(sources: list[SourceSpec], tokenizer_path: Path, work: Path, op
     languages = set(opt.languages) if opt.languages else None
     filter_steps: list[PipelineStep] = [build_reader(s, ledgers, languages) for s in sources]
     filter_steps.append(AssignSplit(opt.val_fraction))
-    if languages:
-        filter_steps.append(LanguageFilter(ledgers, languages))
+    checks: list[CodeFilter] = [LanguageFilter(ledgers, languages)] if languages else []
     if opt.filters:
-        filter_steps += heuristic_filters(ledgers, opt.quality_threshold)
+        checks += heuristic_filters(ledgers, opt.quality_threshold)
     if decontaminator is not None:
-        filter_steps.append(DecontaminationFilter(ledgers, decontaminator))
+        checks.append(DecontaminationFilter(ledgers, decontaminator))
+    if checks:
+        filter_steps.append(FilterChain(checks))
     filter_steps.append(JsonlWriter(str(work / "kept"), output_filename="${rank}.jsonl", compression=None))
     exact = exact_config()
     if opt.exact_dedup:
@@ -163,9 +164,9 @@ def build_stages(sources: list[SourceSpec], tokenizer_path: Path, work: Path, op
         mh = minhash_config(opt.near_dedup_threshold, seed=opt.seed + 1)
         stages.append(Stage("minhash signatures", [RankJsonlReader(str(work / "kept")), *dedup_filters(True),
                                                    CodeMinhashSignature(str(work / "minhash" / "sigs"), mh)], tasks))
-        stages.append(Stage("minhash buckets", [MinhashDedupBuckets(str(work / "minhash" / "sigs"),
-                                                                    str(work / "minhash" / "buckets"), config=mh)],
-                            mh.num_buckets))
+        stages.append(Stage("minhash buckets", [BandedMinhashBuckets(str(work / "minhash" / "sigs"),
+                                                                     str(work / "minhash" / "buckets"), config=mh)],
+                            min(tasks, mh.num_buckets)))
         stages.append(Stage("minhash clusters", [MinhashDedupCluster(str(work / "minhash" / "buckets"),
                                                                      str(work / "minhash" / "remove"), config=mh)], 1))
         near_filter = [MinhashDedupFilter(str(work / "minhash" / "remove"),

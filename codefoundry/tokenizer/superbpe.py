@@ -11,8 +11,8 @@ resume training from given merges, so stage 2 is learnt here: the coarse pieces 
 the stage-1 merges by HF's own BPE model (exactly what encoding will do later, so training and
 encoding agree), then the most frequent adjacent pair is merged greedily with incremental pair counts.
 The result is an ordinary HF tokenizers JSON: stage-1 merges, then stage-2 merges, with the coarse
-split + ByteLevel as pre-tokenizer. ``CodeTokenizer`` loads it; its tiktoken fast path refuses the
-foreign split and HF does the encoding.
+split + ByteLevel as pre-tokenizer. ``CodeTokenizer`` loads it, and its fastokens bulk path
+reads the same JSON (identical ids, checked on a probe before use).
 """
 
 from __future__ import annotations
