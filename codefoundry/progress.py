@@ -6,8 +6,16 @@ so long jobs stay readable in CI output and nohup files alike.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+
+def silence_tqdm() -> None:
+    """Turn off tqdm bars in this process and its children. tqdm reads ``TQDM_DISABLE`` once, when
+    it is imported, so command entry points call this before importing datatrove, whose MinHash
+    stages draw per-task bars (the pipeline prints one line per stage instead)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def format_seconds(s: float) -> str:

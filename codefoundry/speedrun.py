@@ -16,18 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from codefoundry.config import build_run_config
-from codefoundry.data.prepare import prepare
 from codefoundry.data.sources import stdlib_root
 from codefoundry.errors import UserError
-from codefoundry.eval.bpb import bits_per_byte, compressor_bpb, shard_texts
-from codefoundry.infer.generate import complete_batch
-from codefoundry.tokenizer.bpe import train_tokenizer
-from codefoundry.tokenizer.cli import corpus_texts
-from codefoundry.train.checkpoint import load_model
-from codefoundry.train.plot import plot_run
-from codefoundry.train.runtime import resolve_device
-from codefoundry.train.trainer import pretrain
+from codefoundry.progress import silence_tqdm
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
 
@@ -87,6 +78,19 @@ def write_report(out: Path, results: dict[str, Any], samples: list[tuple[str, st
 def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path | None, overrides: list[str],
              vocab_size: int, tokenizer_mb: float, val_fraction: float, fim_rate: float = 0.0,
              n_samples: int = 4) -> dict[str, Any]:
+    # Imported here, not at the top: `codefoundry --help` should not pay for torch and datatrove.
+    silence_tqdm()
+    from codefoundry.config import build_run_config
+    from codefoundry.data.prepare import prepare
+    from codefoundry.eval.bpb import bits_per_byte, compressor_bpb, shard_texts
+    from codefoundry.infer.generate import complete_batch
+    from codefoundry.tokenizer.bpe import train_tokenizer
+    from codefoundry.tokenizer.cli import corpus_texts
+    from codefoundry.train.checkpoint import load_model
+    from codefoundry.train.plot import plot_run
+    from codefoundry.train.runtime import resolve_device
+    from codefoundry.train.trainer import pretrain
+
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from codefoundry.data.decontam import Decontaminator, find_benchmark_files
-from codefoundry.data.dedup import IDENTIFIER, code_shingles, identifier_hashes, lsh_bands, minhash_signature
+from codefoundry.data.dedup import code_shingles, identifier_hashes, lsh_bands, minhash_signature
 from codefoundry.data.prepare import prepare
 from codefoundry.data.shards import Shard
 from codefoundry.data.sources import stdlib_root

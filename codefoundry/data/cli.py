@@ -6,14 +6,17 @@ import argparse
 import os
 from pathlib import Path
 
-from codefoundry.data.pipeline import summary_table
-from codefoundry.data.prepare import prepare
 from codefoundry.data.sources import stdlib_root
 from codefoundry.errors import UserError
+from codefoundry.progress import silence_tqdm
 from codefoundry.tokenizer import CodeTokenizer
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    silence_tqdm()
+    from codefoundry.data.pipeline import summary_table  # datatrove: imported only when the command runs
+    from codefoundry.data.prepare import prepare
+
     sources = args.source or [str(stdlib_root())]
     tokenizer = CodeTokenizer.from_file(args.tokenizer)
     languages = {s.strip() for s in args.languages.split(",") if s.strip()} or None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
 import shutil
 import time
@@ -197,16 +196,10 @@ def run_stages(stages: list[Stage], work: Path, workers: int, show_progress: boo
                                          workers=min(workers, stage.tasks),
                                          logging_dir=str(work / "logs" / stage.name.replace(" ", "_")))
         logger.disable("datatrove")
-        quiet_bars = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # datatrove's MinHash stage draws its own bars; ours is the stage line
         try:
             executor.run()
         finally:
             logger.enable("datatrove")
-            if quiet_bars is None:
-                del os.environ["TQDM_DISABLE"]
-            else:
-                os.environ["TQDM_DISABLE"] = quiet_bars
         progress.update(stage.tasks)
         timings[stage.name] = {"wall_s": progress.close(), "cpu_s": cpu_seconds() - cpu}
     return timings

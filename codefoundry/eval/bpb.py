@@ -101,19 +101,3 @@ def run_bpb(args) -> int:
         result.update(compressor_bpb(shard_texts(args.data, tokenizer)))
     print(json.dumps(result, indent=2))
     return 0
-
-
-def register(subparsers) -> None:
-    from codefoundry.export.quantize import add_quantize_argument
-
-    p = subparsers.add_parser("bpb", help="bits per byte of a checkpoint on a held-out shard")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    p.add_argument("--data", required=True, help="shard directory (e.g. DATA/val)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: model context)")
-    p.add_argument("--stride", type=int, default=None,
-                   help="sliding-window step (default: seq len, no overlap); smaller gives every token more context")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--baselines", action="store_true", help="also report gzip -9 and xz -9e on the same files")
-    add_quantize_argument(p)
-    p.set_defaults(func=run_bpb)

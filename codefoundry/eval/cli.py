@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from codefoundry.eval import bpb
 from codefoundry.eval.benchmarks import BENCHMARKS
+from codefoundry.export.schemes import add_quantize_argument
 
 INFILL_BENCHMARKS = [name for name, b in BENCHMARKS.items() if b.infilling]
 
@@ -91,6 +91,12 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bpb(args: argparse.Namespace) -> int:
+    from codefoundry.eval import bpb  # torch: imported only when a command needs it
+
+    return bpb.run_bpb(args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate: pass@k benchmarks in a sandbox, bits per byte")
     sub = p.add_subparsers(dest="eval_command", metavar="BENCHMARK", required=True)
@@ -114,6 +120,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(i)
     i.set_defaults(func=run_model)
 
-    if hasattr(bpb, "register"):
-        bpb.register(sub)
+    b = sub.add_parser("bpb", help="bits per byte of a checkpoint on a held-out shard")
+    b.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    b.add_argument("--data", required=True, help="shard directory (e.g. DATA/val)")
+    b.add_argument("--seq-len", type=int, default=None, help="window length (default: model context)")
+    b.add_argument("--stride", type=int, default=None,
+                   help="sliding-window step (default: seq len, no overlap); smaller gives every token more context")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--baselines", action="store_true", help="also report gzip -9 and xz -9e on the same files")
+    add_quantize_argument(b)
+    b.set_defaults(func=run_bpb)
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from codefoundry.errors import UserError
+from codefoundry.export.schemes import SCHEMES
 from codefoundry.model import Transformer
 
-SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 
 
@@ -91,9 +91,3 @@ def weight_bytes(model: nn.Module) -> int:
         parts = [t for a in ("qdata", "scale", "zero_point") if isinstance(t := getattr(p, a, None), torch.Tensor)]
         total += sum(t.numel() * t.element_size() for t in parts) if parts else p.numel() * p.element_size()
     return total
-
-
-def add_quantize_argument(parser) -> None:
-    """The ``--quantize`` flag generate / eval / serve share (apply it with :func:`quantize_model`)."""
-    parser.add_argument("--quantize", default="none", choices=("none", *SCHEMES),
-                        help="weight-only quantization applied after loading (int8 per channel, int4 per group of 32)")

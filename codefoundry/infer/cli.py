@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from codefoundry.errors import UserError
+from codefoundry.export.schemes import add_quantize_argument
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -74,8 +75,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from codefoundry.export.quantize import add_quantize_argument
-
     p = subparsers.add_parser("generate", help="sample completions from a checkpoint (streams to stdout)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--prompt", default=None, help="prompt text (else --file or stdin)")
@@ -133,8 +132,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16")
-    from codefoundry.export.quantize import add_quantize_argument
-
     add_quantize_argument(p)
 
 
