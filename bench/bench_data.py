@@ -24,6 +24,7 @@ from codefoundry.data.filters import heuristic_filters
 from codefoundry.data.pipeline import summary_table
 from codefoundry.data.prepare import prepare
 from codefoundry.data.sources import iter_source_files, read_text, stdlib_root
+from codefoundry.progress import silence_tqdm
 from codefoundry.tokenizer import CodeTokenizer, train_tokenizer
 
 
@@ -88,6 +89,7 @@ def main() -> None:
         # Each run in a fresh process that only loads the tokenizer, as `codefoundry data prepare` does:
         # CPU time then counts the pipeline's own threads and nothing left spinning by this script's
         # tokenizer training. A shared machine's noise only ever adds time: keep each stage's best.
+        silence_tqdm()  # the children import tqdm afresh and read this
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             for i in range(args.repeat):
                 runs.append(pool.submit(timed_prepare, args.source, tokenizer_path, Path(tmp) / f"out{i}",

@@ -106,18 +106,13 @@ class RankJsonlReader(JsonlReader):
             yield from self.read_files_shard([name])
 
 
-class QuietLogs(PipelineStep):
-    """First step of every stage: silences datatrove's per-task INFO logging in worker processes.
+class QuietLocalExecutor(LocalPipelineExecutor):
+    """datatrove's local executor with datatrove's own logging off in every task, in this process
+    or a worker: its per-task banners and pipeline listings drowned the one line per stage."""
 
-    Not a generator on purpose: it runs when the task assembles its pipeline, before any step
-    logs, and hands on ``data`` untouched (None for stages that must start without input).
-    """
-
-    name = "quiet logs"
-
-    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
         logger.disable("datatrove")
-        return data
+        return super()._run_for_rank(rank, local_rank, node_rank)
 
 
 @dataclass
@@ -192,9 +187,8 @@ def run_stages(stages: list[Stage], work: Path, workers: int, show_progress: boo
         cpu = cpu_seconds()
         progress = Progress(f"data {i}/{len(stages) + 1} {stage.name}", enabled=show_progress, unit="tasks",
                             total=stage.tasks, interval=math.inf)  # one line per stage, when it ends
-        executor = LocalPipelineExecutor([QuietLogs(), *stage.pipeline], tasks=stage.tasks,
-                                         workers=min(workers, stage.tasks),
-                                         logging_dir=str(work / "logs" / stage.name.replace(" ", "_")))
+        executor = QuietLocalExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
+                                      logging_dir=str(work / "logs" / stage.name.replace(" ", "_")))
         logger.disable("datatrove")
         try:
             executor.run()
