@@ -63,8 +63,8 @@ HEX_SEPARATORS = b" \t\n\r\x0b\x0c,"
 # * base64 matches are exactly the runs of 64+ base64 bytes, found in numpy without the regex;
 # * a hex match is 8 two-digit groups, so it lies inside a run of 16+ bytes of HEX_ALPHABET once
 #   separators are skipped: the regex runs on those windows only.
-BASE64_PREFILTER = bytes(ord("m") if b in BASE64_BYTES else ord(".") for b in range(256))
-HEX_PREFILTER = bytes(ord("m") if b in HEX_ALPHABET else ord(".") for b in range(256))
+BASE64_PREFILTER = byte_table(BASE64_BYTES, ord("m"), ord(".")).tobytes()  # `bytes.translate` tables
+HEX_PREFILTER = byte_table(HEX_ALPHABET, ord("m"), ord(".")).tobytes()
 BASE64_BYTE = byte_table(BASE64_BYTES).astype(bool)
 HEX_CLASS = byte_table(HEX_SEPARATORS, 2, byte_table(HEX_ALPHABET))  # 0 other, 1 alphabet, 2 separator
 
