@@ -18,7 +18,7 @@ from codefoundry.config import ModelConfig
 from codefoundry.model import Transformer
 from codefoundry.model.mlp import MLP
 from codefoundry.model.moe import MoE
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
 from codefoundry.train.runtime import peak_flops
 
 TINY = ["tiny", "cf-tiny", "moe-tiny", "yxanul-tiny", "nanocode-tiny", "pythoncoder-tiny"]

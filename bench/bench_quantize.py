@@ -22,12 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codefoundry.config import build_run_config  # noqa: E402
 from codefoundry.data.prepare import prepare  # noqa: E402
 from codefoundry.data.sources import iter_source_files, read_text, stdlib_root  # noqa: E402
 from codefoundry.eval.bpb import bits_per_byte  # noqa: E402
-from codefoundry.export.quantize import load_quantized, weight_bytes  # noqa: E402
 from codefoundry.infer.generate import generate_tokens  # noqa: E402
+from codefoundry.infer.load import load_for_inference  # noqa: E402
+from codefoundry.infer.quantize import quantize_model, weight_bytes  # noqa: E402
+from codefoundry.recipes import build_run_config  # noqa: E402
 from codefoundry.tokenizer import train_tokenizer  # noqa: E402
 from codefoundry.train.trainer import pretrain  # noqa: E402
 
@@ -75,7 +76,8 @@ def main() -> None:
         variants = [("fp32", "none", torch.float32), ("bf16", "none", torch.bfloat16),
                     ("int8", "int8", torch.float32), (f"int4 g{args.group_size}", "int4", torch.float32)]
         for label, scheme, dtype in variants:
-            model, _ = load_quantized(checkpoint, "cpu", scheme, args.group_size)
+            model, _ = load_for_inference(checkpoint, "cpu", "fp32")
+            quantize_model(model, scheme, args.group_size)
             bpb = bits_per_byte(model, data, seq_len=args.seq_len, dtype=dtype)["bpb"]
             base = bpb if label == "bf16" else base
             rows.append((label, bpb, weight_bytes(model), decode_rate(model)))

@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from codefoundry.checkpoint import load_model, read_model_config, save_checkpoint  # noqa: E402
 from codefoundry.data.sources import stdlib_root  # noqa: E402
 from codefoundry.infer.engine import Request, SamplingParams, run_batch  # noqa: E402
 from codefoundry.model import Transformer  # noqa: E402
-from codefoundry.model.presets import get_preset  # noqa: E402
+from codefoundry.presets import get_preset  # noqa: E402
+from codefoundry.runtime import resolve_device, resolve_dtype  # noqa: E402
 from codefoundry.tokenizer import train_tokenizer  # noqa: E402
-from codefoundry.train.checkpoint import load_model, read_model_config, save_checkpoint  # noqa: E402
-from codefoundry.train.runtime import resolve_device, resolve_dtype  # noqa: E402
 
 PROMPT = "def fibonacci(n):\n    "
 

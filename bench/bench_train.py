@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codefoundry.config import build_run_config
 from codefoundry.data.shards import ShardWriter
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
+from codefoundry.recipes import build_run_config
+from codefoundry.runtime import autocast, resolve_device, resolve_dtype
 from codefoundry.train.metrics import read_metrics
-from codefoundry.train.runtime import autocast, peak_flops, resolve_device, resolve_dtype, use_compile
+from codefoundry.train.runtime import peak_flops, use_compile
 from codefoundry.train.smoke import make_synthetic_data
 from codefoundry.train.trainer import pretrain
 
@@ -119,7 +120,7 @@ def loss_peak_memory(loss_chunk: int, vocab: int = 49152, seq: int = 2048, batch
     code = f"""
 import resource, torch, dataclasses
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
 torch.set_num_threads(1)
 cfg = dataclasses.replace(get_preset('tiny'), vocab_size={vocab}, dim={dim}, n_heads=4, n_kv_heads=2, n_layers=1,
                           max_seq_len={seq}, loss_chunk={loss_chunk})

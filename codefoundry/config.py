@@ -1,8 +1,10 @@
-"""Dataclass configs, YAML recipes and ``section.field=value`` overrides.
+"""Dataclass configs: every setting, its default (written once, here) and its validation.
 
-A run is described by one :class:`RunConfig` (model + train sections). It can come from
-a preset name, a YAML recipe, and command-line overrides, applied in that order, and the
-resolved result is saved next to every run so it can be reproduced exactly.
+A run is described by one :class:`RunConfig` (model + train sections). Each dataclass checks
+its choices on construction, so a typo fails at once with one line, before any model is
+built. Resolving a run from a preset, a YAML recipe and ``section.field=value`` overrides is
+:mod:`codefoundry.recipes`; the named presets are :mod:`codefoundry.presets`. This module
+imports neither (nor torch), so everything can depend on it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from codefoundry.errors import UserError
 
@@ -30,9 +30,11 @@ class ModelConfig:
     older saved config without the newer keys loads to the same model it was trained as.
     """
 
-    DERIVED = {"head_dim": ("dim", "n_heads"), "ffn_dim": ("dim", "mlp")}
+    # field -> the fields it is derived from when left at 0; re-derived when they change (see update_dataclass)
+    DERIVED = {"head_dim": ("dim", "n_heads"), "ffn_dim": ("dim", "mlp"), "rope_original_max_len": ("max_seq_len",)}
 
     vocab_size: int = 8192
+    vocab_multiple: int = 1  # embedding rows padded up to a multiple of this (64/256 suit GPU GEMMs)
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -73,6 +75,9 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3  # weight of the mean MTP cross-entropy in the training loss
 
     def __post_init__(self) -> None:
+        if self.vocab_multiple < 1:
+            raise ConfigError(f"model.vocab_multiple={self.vocab_multiple} must be at least 1")
+        self.vocab_size = -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
         if self.head_dim == 0:
             if self.dim % self.n_heads:
                 raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
@@ -144,7 +149,6 @@ class TrainConfig:
     # tokens until step 200, 256 until step 500, then seq_len; rows per step grow so tokens per
     # step stay constant (each stage's seq must divide seq_len). "" = off.
     curriculum: str = ""
-    loss_chunk: int = -1  # -1 = keep model.loss_chunk; else chunked cross-entropy rows (0 = off)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     linear_precision: str = "default"  # default | fp8-tensorwise | fp8-rowwise (torchao, GPU) | tcfp12
     parallel: str = "ddp"  # ddp | fsdp (used when launched by torchrun with WORLD_SIZE > 1)
@@ -155,6 +159,45 @@ class TrainConfig:
     max_skips: int = 10  # guard: abort after this many consecutive skipped steps
     tensorboard: bool = False  # also log to out/tensorboard (needs the `logging` extra)
     wandb_project: str = ""  # also log to this W&B project (needs the `logging` extra)
+
+    CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("wsd", "cosine", "constant"),
+               "dtype": ("auto", "fp32", "bf16", "fp16"), "compile": ("auto", "on", "off"),
+               "linear_precision": ("default", "fp8-tensorwise", "fp8-rowwise", "tcfp12"),
+               "parallel": ("ddp", "fsdp")}
+
+    def __post_init__(self) -> None:
+        for name, choices in self.CHOICES.items():
+            _check_choice(f"train.{name}", getattr(self, name), choices)
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+            raise ConfigError(f"train.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if self.max_steps < 0 or self.minutes < 0:
+            raise ConfigError("train.max_steps and train.minutes must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction={self.decay_fraction} must be between 0 and 1")
+        parse_curriculum(self.curriculum, self.seq_len)
+
+
+def parse_curriculum(spec: str, seq_len: int) -> list[tuple[int, int]]:
+    """``"128:200,256:500"`` -> [(128, 200), (256, 500)]: row length and the step it lasts until.
+
+    Lengths must divide ``seq_len`` (rows are cut from full-length rows, see PackedLoader) and
+    stages must be in increasing step order.
+    """
+    stages: list[tuple[int, int]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            length, until = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise ConfigError(f"train.curriculum={spec!r}: write SEQ:UNTIL_STEP pairs, e.g. 128:200,256:500") from None
+        if length <= 0 or seq_len % length:
+            raise ConfigError(f"train.curriculum: row length {length} must divide train.seq_len={seq_len}")
+        if stages and until <= stages[-1][1]:
+            raise ConfigError(f"train.curriculum={spec!r}: stage steps must increase")
+        stages.append((length, until))
+    return stages
 
 
 @dataclass
@@ -189,6 +232,8 @@ def _coerce(value: Any, target_type: Any, key: str) -> Any:
         if type_name == "float":
             return float(value)
         if type_name == "str":
+            if isinstance(value, (bool, list, dict)) or value is None:
+                raise ValueError(value)
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: cannot read {value!r} as {type_name}") from None
@@ -199,62 +244,25 @@ def update_dataclass(obj: Any, values: dict[str, Any], prefix: str) -> Any:
     """Return a copy of ``obj`` with ``values`` applied; unknown keys are an error, never ignored.
 
     Fields derived in ``__post_init__`` (``DERIVED``: field -> the fields it depends on) are
-    re-derived when one of their inputs changes and they are not set explicitly.
+    re-derived when one of their inputs changes, unless they are set explicitly or held a
+    value of their own (e.g. YaRN's ``rope_original_max_len`` stays when ``max_seq_len`` grows).
     """
     known = {f.name: f for f in fields(obj)}
-    merged = {name: getattr(obj, name) for name in known}
+    old = {name: getattr(obj, name) for name in known}
+    merged = dict(old)
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(known))})")
         merged[key] = _coerce(value, known[key].type, prefix + key)
     for derived, inputs in getattr(type(obj), "DERIVED", {}).items():
         if derived not in values and any(k in values for k in inputs):
-            merged[derived] = 0
+            try:
+                was_derived = getattr(type(obj)(**{**old, derived: 0}), derived) == old[derived]
+            except ConfigError:
+                was_derived = False
+            if was_derived:
+                merged[derived] = 0
     return type(obj)(**merged)
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """Parse ``section.field=value`` strings (value read as YAML) into nested dicts."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override '{item}' must look like section.field=value, e.g. train.lr=1e-3")
-        key, raw = item.split("=", 1)
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw else ""
-    return out
-
-
-def build_run_config(preset: str | None = None, recipe: str | Path | None = None,
-                     overrides: list[str] | None = None) -> RunConfig:
-    """Resolve preset -> YAML recipe -> CLI overrides into one RunConfig."""
-    from codefoundry.model.presets import get_preset
-
-    layers: list[dict[str, Any]] = []
-    if recipe:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {path} must be a mapping with preset/model/train keys")
-        layers.append(data)
-    layers.append(parse_overrides(overrides or []))
-
-    preset_name = preset
-    if not preset_name:
-        for layer in layers:
-            preset_name = layer.get("preset", preset_name)
-    preset_name = preset_name or RunConfig.preset
-    model = get_preset(preset_name)
-    train = TrainConfig()
-    for layer in layers:
-        unknown = set(layer) - {"preset", "model", "train"}
-        if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use preset, model, train")
-        model = update_dataclass(model, layer.get("model") or {}, "model.")
-        train = update_dataclass(train, layer.get("train") or {}, "train.")
-    return RunConfig(preset=preset_name, model=model, train=train)
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

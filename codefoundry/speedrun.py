@@ -83,15 +83,15 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
              n_samples: int = 4) -> dict[str, Any]:
     # Imported here, not at the top: `codefoundry --help` should not pay for torch and datatrove.
     silence_tqdm()
-    from codefoundry.config import build_run_config
+    from codefoundry.checkpoint import load_model
     from codefoundry.data.prepare import prepare
     from codefoundry.eval.bpb import bits_per_byte, compressor_bpb, shard_texts
     from codefoundry.infer.generate import complete_batch
+    from codefoundry.recipes import build_run_config
+    from codefoundry.runtime import resolve_device
     from codefoundry.tokenizer.bpe import train_tokenizer
     from codefoundry.tokenizer.cli import corpus_texts
-    from codefoundry.train.checkpoint import load_model
     from codefoundry.train.plot import plot_run
-    from codefoundry.train.runtime import resolve_device
     from codefoundry.train.trainer import pretrain
 
     out.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from codefoundry.checkpoint import save_checkpoint
 from codefoundry.data.sources import stdlib_root
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
 from codefoundry.tokenizer import CodeTokenizer, train_tokenizer
-from codefoundry.train.checkpoint import save_checkpoint
 
 CORPUS_FILES = ["textwrap.py", "fnmatch.py", "bisect.py", "colorsys.py", "keyword.py"]
 

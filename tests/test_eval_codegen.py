@@ -11,8 +11,14 @@ from helpers_post import tiny_checkpoint
 from codefoundry.cli import main
 from codefoundry.errors import UserError
 from codefoundry.eval.benchmarks import BENCHMARKS, load_problems
-from codefoundry.eval.codegen import (Sampling, evaluate, generate_samples, model_generate, postprocess,
-                                      quick_humaneval)
+from codefoundry.eval.codegen import (
+    Sampling,
+    evaluate,
+    generate_samples,
+    model_generate,
+    postprocess,
+    quick_humaneval,
+)
 
 
 def oracle(problems, junk: str):
@@ -93,7 +99,7 @@ def test_quick_humaneval_with_a_stand_in(shared_data):
 
 
 def test_tiny_checkpoint_end_to_end(shared_data, tmp_path):
-    from codefoundry.train.checkpoint import load_model
+    from codefoundry.checkpoint import load_model
 
     model, tokenizer = load_model(tiny_checkpoint())
     result = quick_humaneval(model, tokenizer, limit=2, max_new_tokens=8, data=shared_data)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from codefoundry.checkpoint import save_checkpoint
 from codefoundry.config import ModelConfig
 from codefoundry.data.sources import stdlib_root
 from codefoundry.errors import UserError
@@ -18,7 +19,6 @@ from codefoundry.model import Transformer
 from codefoundry.model.moe import MoE
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer.chat import render_chat
-from codefoundry.train.checkpoint import save_checkpoint
 
 CODE = (stdlib_root() / "json" / "decoder.py").read_text()
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_export_common import assert_logits_close, code_ids, make_checkpoint
 
+from codefoundry.checkpoint import load_model
 from codefoundry.cli import main
 from codefoundry.errors import UserError
 from codefoundry.export.hf_import import import_hf
 from codefoundry.tokenizer import special as sp
-from codefoundry.train.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from test_export_common import code_ids, random_model, tiny_config
 
-from codefoundry.config import build_run_config
+from codefoundry.checkpoint import load_model
 from codefoundry.data.shards import Shard, ShardWriter
 from codefoundry.errors import UserError
 from codefoundry.eval.bpb import bits_per_byte
-from codefoundry.export.quantize import block_linears, load_quantized, quantize_model, weight_bytes
 from codefoundry.infer.generate import generate_tokens
-from codefoundry.train.checkpoint import load_model
+from codefoundry.infer.load import load_for_inference
+from codefoundry.infer.quantize import block_linears, quantize_model, weight_bytes
+from codefoundry.recipes import build_run_config
 from codefoundry.train.trainer import pretrain
 
 pytest.importorskip("torchao")
@@ -90,7 +91,7 @@ def test_bits_per_byte_cost_int8_within_1_percent_int4_within_5(trained_checkpoi
     base = bits_per_byte(model, small_val, seq_len=128, dtype=torch.bfloat16)["bpb"]
     costs = {}
     for scheme in ("int8", "int4"):
-        quantized, _ = load_quantized(trained_checkpoint, scheme=scheme)
+        quantized, _ = load_for_inference(trained_checkpoint, "cpu", "fp32", scheme)
         costs[scheme] = bits_per_byte(quantized, small_val, seq_len=128)["bpb"] / base - 1
     print(f"bpb bf16 {base:.4f}; int8 {costs['int8']:+.2%}, int4 {costs['int4']:+.2%}")
     assert base < 6.0  # the model learned something, so rounding has structure to damage
@@ -114,10 +115,10 @@ def test_quantize_flag_reaches_eval_and_generate(trained_checkpoint, tiny_data, 
 
 def test_chat_agent_and_serve_load_quantized(trained_checkpoint):
     from codefoundry.cli import build_parser
-    from codefoundry.infer.cli import load_for_inference
+    from codefoundry.infer.load import load_from_args
 
     for command in ("chat", "serve"):
         args = build_parser().parse_args([command, "--checkpoint", str(trained_checkpoint), "--device", "cpu",
                                           "--quantize", "int8"])
-        model, _ = load_for_inference(args)
+        model, _ = load_from_args(args)
         assert all(hasattr(m.weight, "qdata") for _, m in block_linears(model)), command

@@ -1,8 +1,13 @@
 import torch
 
-from codefoundry.infer.generate import complete_batch, generate_tokens, sample_next, stream
+from codefoundry.infer.generate import (
+    complete_batch,
+    generate_tokens,
+    sample_next,
+    stream,
+)
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
 
 
 def _model(**over) -> Transformer:
@@ -84,7 +89,7 @@ def test_strided_windows_score_every_target_once():
 def test_strided_bpb_equals_plain_when_stride_is_seq_len(tiny_data):
     from codefoundry.eval.bpb import bits_per_byte
     from codefoundry.model import Transformer
-    from codefoundry.model.presets import get_preset
+    from codefoundry.presets import get_preset
 
     torch.manual_seed(0)
     model = Transformer(get_preset("tiny")).eval()

@@ -8,7 +8,7 @@ from codefoundry.infer.agent import Agent, ModelPolicy
 from codefoundry.infer.chat import Reply
 from codefoundry.infer.engine import SamplingParams
 from codefoundry.infer.tools import Workspace
-from codefoundry.train.checkpoint import load_model
+from codefoundry.checkpoint import load_model
 from helpers_post import tiny_checkpoint
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import io
 
 import pytest
+from helpers_post import make_checkpoint, tiny_checkpoint
 
+from codefoundry.checkpoint import load_model
 from codefoundry.cli import main
 from codefoundry.infer.chat import ChatSession, assistant_reply, repl
 from codefoundry.infer.engine import Request, SamplingParams
 from codefoundry.tokenizer import special as sp
-from codefoundry.train.checkpoint import load_model
-from helpers_post import make_checkpoint, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

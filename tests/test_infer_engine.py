@@ -5,11 +5,17 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from codefoundry.infer.engine import Engine, Request, RequestRejected, SamplingParams, run_batch
-from codefoundry.infer.generate import stream
-from codefoundry.train.checkpoint import load_model
 from helpers_post import tiny_checkpoint
+
+from codefoundry.checkpoint import load_model
+from codefoundry.infer.engine import (
+    Engine,
+    Request,
+    RequestRejected,
+    SamplingParams,
+    run_batch,
+)
+from codefoundry.infer.generate import stream
 
 PROMPTS = ["def add(a, b):\n", "import os\n", "class Point:\n    def __init__(self", "x"]
 

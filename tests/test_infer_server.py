@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from helpers_post import tiny_checkpoint
 
+from codefoundry.checkpoint import load_model
 from codefoundry.infer.engine import Engine
 from codefoundry.infer.server import ServerLimits, make_server
-from codefoundry.train.checkpoint import load_model
-from helpers_post import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,12 @@ import torch
 
 from codefoundry.errors import UserError
 from codefoundry.infer.generate import generate_tokens
-from codefoundry.infer.speculative import draft_speculative_generate, mtp_speculative_generate
+from codefoundry.infer.speculative import (
+    draft_speculative_generate,
+    mtp_speculative_generate,
+)
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
 
 VOCAB = 61
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from codefoundry.model import Transformer
-from codefoundry.model.presets import PRESETS, features, get_preset
+from codefoundry.presets import PRESETS, features, get_preset
 
 # name: (total params, active params per token, nominal size or None where the stated
-# dimensions cannot reach it, see the notes in codefoundry/model/presets.py)
+# dimensions cannot reach it, see the notes in codefoundry/presets.py)
 PINNED = {
     "cf-150m": (148_656_384, 148_656_384, 150e6),
     "cf-350m": (358_666_240, 358_666_240, 350e6),

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from codefoundry.cli import main
-from codefoundry.config import ConfigError, build_run_config
+from codefoundry.config import ConfigError
+from codefoundry.recipes import build_run_config
 from tests.conftest import TINY_SOURCES
 
 

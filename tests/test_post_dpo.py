@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import torch
+from helpers_post import make_checkpoint, tiny_checkpoint
 
+from codefoundry.checkpoint import load_model
 from codefoundry.post.builders import preference_pairs_from_tests
 from codefoundry.post.dpo import DPO_DEFAULTS, dpo, evaluate_margins, load_pairs
 from codefoundry.post.loop import train_config
 from codefoundry.post.sft_data import LoadReport, Source
 from codefoundry.tokenizer.chat import render_chat
-from codefoundry.train.checkpoint import load_model
-from helpers_post import make_checkpoint, tiny_checkpoint
 
 PAIRS = [
     {"prompt": "sum of a list", "chosen": "return sum(xs)", "rejected": "return max(xs)"},

@@ -7,15 +7,21 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from helpers_post import make_checkpoint
 
+from codefoundry.checkpoint import load_model
 from codefoundry.infer.engine import Request, SamplingParams, run_batch
 from codefoundry.post.loop import train_config
 from codefoundry.post.sft import SFT_DEFAULTS, sft
-from codefoundry.post.sft_data import Example, Mixture, Source, pack_batches, render_examples
+from codefoundry.post.sft_data import (
+    Example,
+    Mixture,
+    Source,
+    pack_batches,
+    render_examples,
+)
 from codefoundry.tokenizer import special as sp
 from codefoundry.tokenizer.chat import render_chat
-from codefoundry.train.checkpoint import load_model
-from helpers_post import make_checkpoint
 
 PAIRS = [("add two numbers", "def add(a, b):\n    return a + b"),
          ("reverse a list", "def rev(xs):\n    return xs[::-1]"),

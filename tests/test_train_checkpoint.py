@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from codefoundry.config import build_run_config
+from codefoundry.checkpoint import load_model
 from codefoundry.errors import UserError
+from codefoundry.recipes import build_run_config
 from codefoundry.train import checkpoint as ckpt_mod
-from codefoundry.train.checkpoint import load_model
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.smoke import make_synthetic_data
 from codefoundry.train.trainer import pretrain

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from codefoundry.config import build_run_config
 from codefoundry.data.loader import PackedLoader
 from codefoundry.errors import UserError
+from codefoundry.recipes import build_run_config
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.smoke import make_synthetic_data
 from codefoundry.train.trainer import pretrain

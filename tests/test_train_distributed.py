@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from codefoundry.config import build_run_config
-from codefoundry.train.checkpoint import load_model
+from codefoundry.checkpoint import load_model
+from codefoundry.recipes import build_run_config
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.smoke import make_synthetic_data
 from codefoundry.train.trainer import pretrain

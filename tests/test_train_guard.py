@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from codefoundry.config import build_run_config
+from codefoundry.checkpoint import load_model
 from codefoundry.errors import UserError
 from codefoundry.model import Transformer
-from codefoundry.train.checkpoint import load_model
+from codefoundry.recipes import build_run_config
 from codefoundry.train.guard import StepGuard
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.smoke import make_synthetic_data

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from codefoundry.config import TrainConfig, build_run_config
+from codefoundry.config import TrainConfig
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
+from codefoundry.recipes import build_run_config
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.optim import build_optimizer, param_groups
 from codefoundry.train.smoke import make_synthetic_data
@@ -56,5 +57,5 @@ def test_grad_accumulation_matches_the_large_batch(data, tmp_path):
 def test_activation_checkpointing_and_chunked_loss_do_not_change_the_math(data, tmp_path):
     plain = _losses(data, tmp_path / "plain", steps=4)
     ckpt = _losses(data, tmp_path / "ckpt", steps=4, **{"train.activation_checkpointing": True,
-                                                         "train.loss_chunk": 48})
+                                                         "model.loss_chunk": 48})
     assert ckpt == pytest.approx(plain, rel=1e-5)

@@ -3,7 +3,7 @@ import torch
 
 from codefoundry.errors import UserError
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
 from codefoundry.train.runtime import apply_linear_precision
 
 gpu_fp8 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),

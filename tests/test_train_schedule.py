@@ -1,7 +1,8 @@
 import pytest
 
+from codefoundry.config import parse_curriculum
 from codefoundry.errors import UserError
-from codefoundry.train.schedule import curriculum_seq_len, lr_factor, parse_curriculum
+from codefoundry.train.schedule import curriculum_seq_len, lr_factor
 
 
 def test_wsd_warms_up_holds_then_decays_to_the_floor():

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from codefoundry.config import build_run_config
 from codefoundry.model import Transformer
-from codefoundry.model.presets import get_preset
+from codefoundry.presets import get_preset
+from codefoundry.recipes import build_run_config
 from codefoundry.train import tcfp
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.smoke import make_synthetic_data

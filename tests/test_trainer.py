@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from codefoundry.config import build_run_config
+from codefoundry.checkpoint import load_model
 from codefoundry.errors import UserError
-from codefoundry.train.checkpoint import load_model
+from codefoundry.recipes import build_run_config
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.trainer import pretrain
 

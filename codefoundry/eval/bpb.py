@@ -20,7 +20,7 @@ import torch
 from codefoundry.data.shards import Shard
 from codefoundry.model.transformer import IGNORE_INDEX, Transformer
 from codefoundry.progress import Progress
-from codefoundry.train.runtime import autocast
+from codefoundry.runtime import autocast
 
 
 def score_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -89,12 +89,11 @@ def shard_texts(shard_dir: str | Path, tokenizer) -> list[str]:
 def run_bpb(args) -> int:
     import json
 
-    from codefoundry.export.quantize import load_quantized
-    from codefoundry.train.runtime import resolve_device, resolve_dtype
+    from codefoundry.infer.load import load_from_args
+    from codefoundry.runtime import resolve_dtype
 
-    device = resolve_device(args.device)
-    model, tokenizer = load_quantized(args.checkpoint, device, args.quantize)
-    dtype = resolve_dtype("auto", device)
+    model, tokenizer = load_from_args(args)
+    dtype = resolve_dtype(args.dtype, model.embed.weight.device)
     result = bits_per_byte(model, args.data, args.seq_len, args.batch_size, dtype, show_progress=True,
                            stride=args.stride)
     if args.baselines:

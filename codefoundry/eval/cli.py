@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from codefoundry.eval.benchmarks import BENCHMARKS
-from codefoundry.export.schemes import add_quantize_argument
+from codefoundry.infer.load import add_load_args, load_from_args
 
 INFILL_BENCHMARKS = [name for name, b in BENCHMARKS.items() if b.infilling]
 
@@ -45,8 +45,8 @@ def add_scoring_args(p: argparse.ArgumentParser, default_ks: str) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory (model.safetensors, config.json, tokenizer.json)")
+    """Loading flags (shared with generate/chat/serve), sampling, and scoring."""
+    add_load_args(p)
     p.add_argument("--output", help="results JSONL (default: CHECKPOINT/eval/BENCHMARK.jsonl); samples go beside it")
     p.add_argument("--n", type=positive_int, default=1, help="samples per task (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -54,7 +54,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     add_scoring_args(p, default_ks="1,10,100")
 
 
@@ -78,12 +77,9 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_model(args: argparse.Namespace) -> int:
     from codefoundry.eval.codegen import Sampling, evaluate, model_generate
-    from codefoundry.train.checkpoint import load_model
-    from codefoundry.train.runtime import resolve_device
-
     sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed)
-    model, tokenizer = load_model(args.checkpoint, resolve_device(args.device))
+    model, tokenizer = load_from_args(args)
     output = Path(args.output) if args.output else Path(args.checkpoint) / "eval" / f"{args.benchmark}.jsonl"
     summary = evaluate(args.benchmark, model_generate(model, tokenizer, sampling), sampling, output, data=args.data,
                        limit=args.limit, ks=args.k, workers=args.workers, timeout=args.timeout)
@@ -121,14 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_model)
 
     b = sub.add_parser("bpb", help="bits per byte of a checkpoint on a held-out shard")
-    b.add_argument("--checkpoint", required=True, help="checkpoint directory")
     b.add_argument("--data", required=True, help="shard directory (e.g. DATA/val)")
     b.add_argument("--seq-len", type=int, default=None, help="window length (default: model context)")
     b.add_argument("--stride", type=int, default=None,
                    help="sliding-window step (default: seq len, no overlap); smaller gives every token more context")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--device", default="auto")
     b.add_argument("--baselines", action="store_true", help="also report gzip -9 and xz -9e on the same files")
-    add_quantize_argument(b)
+    add_load_args(b)
     b.set_defaults(func=run_bpb)
 

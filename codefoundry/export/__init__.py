@@ -1,9 +1,8 @@
-"""Export and interoperability: HF transformers and GGUF (llama.cpp) exports, HF import, and
-post-training weight quantization.
+"""Export and interoperability: HF transformers and GGUF (llama.cpp) exports, and HF import.
+(Weight quantization lives beside inference: :mod:`codefoundry.infer.quantize`.)
 
 * :mod:`~codefoundry.export.hf` — checkpoint -> transformers directory (native architectures only)
 * :mod:`~codefoundry.export.gguf_export` — checkpoint -> one GGUF file for llama.cpp
 * :mod:`~codefoundry.export.hf_import` — Llama-family transformers directory -> checkpoint
-* :mod:`~codefoundry.export.quantize` — int8 / int4 weight-only quantization (torchao)
 * :mod:`~codefoundry.export.chat_template` — the Jinja chat template both exports ship
 """

@@ -35,10 +35,9 @@ import torch
 from codefoundry.config import ModelConfig
 from codefoundry.errors import UserError
 from codefoundry.export.chat_template import CHAT_TEMPLATE
-from codefoundry.export.hf import (ExportPlan, default_inv_freq, hf_state_dict, ntk_theta, plan_export, rope_active,
-                                   training_notes)
+from codefoundry.export.hf import ExportPlan, hf_state_dict, plan_export, training_notes
 from codefoundry.model import Transformer
-from codefoundry.model.rope import rope_frequencies
+from codefoundry.model.rope import default_inv_freq, ntk_theta, rope_active, rope_frequencies
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer import special as sp
 
@@ -229,7 +228,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> 
     so a failure never leaves a truncated file behind."""
     import gguf
 
-    from codefoundry.train.checkpoint import load_model
+    from codefoundry.checkpoint import load_model
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)} for the gguf format")

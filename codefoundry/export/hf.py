@@ -17,8 +17,9 @@ without gains export as gains of one; frozen QK-norm gains export as they are. M
 are dropped with a note (transformers runs the trunk only). Our RoPE already pairs dim
 ``i`` with ``i + head_dim/2`` (HF's ``rotate_half``), so weights need no permutation. RoPE
 scaling: linear -> ``linear``; static NTK -> plain RoPE with the enlarged base; YaRN ->
-``longrope`` carrying our exact per-dimension factors and attention factor (HF's ``yarn``
-ramps over dimension index, ours over rotation count, so it would be silently different).
+``longrope`` carrying our exact per-dimension factors and attention factor: the same tables as
+HF's ``yarn`` with its defaults, but pinned, so no later change of ``yarn`` options
+(``truncate``, ``mscale_all_dim``) in transformers can make the export silently different.
 
 Anything without a native equivalent (logit soft-capping, attention sinks, differential
 attention, ...) is refused in one line, never exported as a silently wrong model, and the
@@ -42,7 +43,7 @@ from codefoundry.errors import UserError
 from codefoundry.export.chat_template import CHAT_TEMPLATE
 from codefoundry.model import Transformer
 from codefoundry.model.norm import RMSNorm
-from codefoundry.model.rope import rope_frequencies
+from codefoundry.model.rope import default_inv_freq, ntk_theta, rope_active, rope_frequencies
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer import special as sp
 
@@ -200,22 +201,6 @@ def hf_state_dict(model: Transformer, model_type: str) -> dict[str, torch.Tensor
     return {hf_name(k, model_type): v for k, v in state.items()}
 
 
-def rope_active(cfg: ModelConfig) -> bool:
-    return cfg.rope_scaling != "none" and cfg.rope_factor > 1
-
-
-def default_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Unscaled RoPE inverse frequencies, computed the way transformers and llama.cpp do."""
-    d = cfg.head_dim
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-
-
-def ntk_theta(cfg: ModelConfig) -> float:
-    """Static NTK-aware scaling is plain RoPE with this larger base."""
-    d = cfg.head_dim
-    return cfg.rope_theta * cfg.rope_factor ** (d / (d - 2))
-
-
 def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     """transformers ``rope_parameters`` reproducing our cos/sin tables."""
     if not rope_active(cfg):
@@ -294,7 +279,7 @@ def hf_tokenizer(tokenizer_json: str | Path, max_len: int):
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> ExportPlan:
     """Write a directory ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load unchanged."""
-    from codefoundry.train.checkpoint import load_model
+    from codefoundry.checkpoint import load_model
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)} for the hf format")

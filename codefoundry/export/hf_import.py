@@ -108,7 +108,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> dict:
     """Write our checkpoint directory ``out`` from a transformers model directory."""
     from transformers import AutoConfig
 
-    from codefoundry.train.checkpoint import save_checkpoint
+    from codefoundry.checkpoint import save_checkpoint
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from codefoundry.errors import UserError
-from codefoundry.export.schemes import add_quantize_argument
+from codefoundry.infer.load import add_load_args, load_from_args
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -26,8 +26,11 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def run_speculative(args: argparse.Namespace, model, tokenizer, prompt_ids: list[int]) -> None:
     """Greedy speculative decoding: the model's own MTP heads, or a small draft checkpoint, propose."""
-    from codefoundry.infer.speculative import draft_speculative_generate, mtp_speculative_generate
     from codefoundry.infer.generate import TextDeltas
+    from codefoundry.infer.speculative import (
+        draft_speculative_generate,
+        mtp_speculative_generate,
+    )
 
     stop_ids = {tokenizer.eot_id}
     if args.speculative == "mtp":
@@ -35,9 +38,9 @@ def run_speculative(args: argparse.Namespace, model, tokenizer, prompt_ids: list
     else:
         if not args.draft_checkpoint:
             raise UserError("--speculative draft needs --draft-checkpoint DIR (a small model with the same tokenizer)")
-        from codefoundry.train.checkpoint import load_model
+        from codefoundry.infer.load import load_for_inference
 
-        draft, draft_tok = load_model(args.draft_checkpoint, model.embed.weight.device)
+        draft, draft_tok = load_for_inference(args.draft_checkpoint, str(model.embed.weight.device), args.dtype)
         if draft_tok.vocab_size != tokenizer.vocab_size:
             raise UserError("the draft model's tokenizer differs from the target's; use one trained on the same tokenizer")
         ids, stats = draft_speculative_generate(model, draft, prompt_ids, args.max_new_tokens, args.draft_k, stop_ids)
@@ -51,11 +54,9 @@ def run_speculative(args: argparse.Namespace, model, tokenizer, prompt_ids: list
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from codefoundry.export.quantize import load_quantized
     from codefoundry.infer.generate import stream
-    from codefoundry.train.runtime import resolve_device
 
-    model, tokenizer = load_quantized(args.checkpoint, resolve_device(args.device), args.quantize)
+    model, tokenizer = load_from_args(args)
     if args.fim:
         prompt: str | list[int] = tokenizer.fim_prompt(read_prompt(args), args.suffix or "")
     else:
@@ -76,7 +77,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample completions from a checkpoint (streams to stdout)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--prompt", default=None, help="prompt text (else --file or stdin)")
     p.add_argument("--file", default=None, help="read the prompt (the prefix with --fim) from a file")
     p.add_argument("--fim", action="store_true", help="fill in the middle between the prompt and --suffix")
@@ -88,12 +88,11 @@ def register(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     p.add_argument("--speculative", choices=["mtp", "draft"], default=None,
                    help="greedy speculative decoding with the model's MTP heads or a --draft-checkpoint")
     p.add_argument("--draft-checkpoint", default=None, help="small draft model for --speculative draft")
     p.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step")
-    add_quantize_argument(p)
+    add_load_args(p)
     p.set_defaults(func=run_generate)
 
     c = subparsers.add_parser("chat", help="interactive multi-turn chat with a (fine-tuned) checkpoint")
@@ -111,45 +110,29 @@ def register(subparsers) -> None:
     a.set_defaults(func=run_agent)
 
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (+ /infill) with request batching")
-    s.add_argument("--checkpoint", required=True, help="checkpoint directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="model id reported by the API (default: checkpoint dir name)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16")
-    add_quantize_argument(s)
+    add_load_args(s)
     s.set_defaults(func=run_serve)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    """The loading flags plus the sampling settings chat and agent share."""
+    add_load_args(p)
     p.add_argument("--max-new-tokens", type=int, default=512, help="per reply")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16")
-    add_quantize_argument(p)
-
-
-def load_for_inference(args: argparse.Namespace):
-    """Model (in the requested dtype, weight-quantized if asked) and tokenizer for chat/agent/serve."""
-    from codefoundry.export.quantize import quantize_model
-    from codefoundry.train.checkpoint import load_model
-    from codefoundry.train.runtime import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    model, tok = load_model(args.checkpoint, device)
-    return quantize_model(model.to(resolve_dtype(args.dtype, device)), args.quantize), tok
 
 
 def _load(args: argparse.Namespace):
     from codefoundry.infer.engine import SamplingParams
 
-    model, tok = load_for_inference(args)
+    model, tok = load_from_args(args)
     return model, tok, SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, seed=args.seed)
 
@@ -193,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from codefoundry.infer.engine import Engine
     from codefoundry.infer.server import ServerLimits, make_server
 
-    model, tok = load_for_inference(args)
+    model, tok = load_from_args(args)
     name = args.model_name or Path(args.checkpoint).resolve().name
     with Engine(model, tok, max_batch=args.max_batch) as engine:
         try:

@@ -13,14 +13,32 @@ import torch
 from codefoundry.config import ModelConfig
 
 
-def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies for each rotated pair, plus the attention scale multiplier (YaRN mscale)."""
+def rope_active(cfg: ModelConfig) -> bool:
+    """Whether a context-extension scaling changes the frequencies at all."""
+    return cfg.rope_scaling != "none" and cfg.rope_factor > 1
+
+
+def default_inv_freq(cfg: ModelConfig, base: float | None = None) -> torch.Tensor:
+    """Unscaled RoPE inverse frequencies (float64), computed the way transformers and llama.cpp do."""
     d = cfg.head_dim
-    base = cfg.rope_theta
+    return 1.0 / ((base or cfg.rope_theta) ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+
+
+def ntk_theta(cfg: ModelConfig) -> float:
+    """Static NTK-aware scaling is plain RoPE with this larger base."""
+    d = cfg.head_dim
+    return cfg.rope_theta * cfg.rope_factor ** (d / (d - 2))
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for each rotated pair, plus the attention scale multiplier (YaRN mscale).
+
+    The one source of truth for RoPE: the model's tables and the HF / GGUF exports all call it.
+    """
+    d = cfg.head_dim
     factor = cfg.rope_factor
-    if cfg.rope_scaling == "ntk" and factor > 1:
-        base = base * factor ** (d / (d - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    base = ntk_theta(cfg) if cfg.rope_scaling == "ntk" and factor > 1 else cfg.rope_theta
+    inv_freq = default_inv_freq(cfg, base)
     mscale = 1.0
     if cfg.rope_scaling == "linear" and factor > 1:
         inv_freq = inv_freq / factor
@@ -28,7 +46,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         # YaRN (Peng et al. 2023): keep the dims that rotate more than beta_fast=32 times over the
         # original context, interpolate (/ factor) those rotating less than beta_slow=1 times, and
         # ramp linearly over the dim index in between; cos/sin carry the logit temperature mscale.
-        # Same formula as HF transformers' "yarn" rope_type (truncate=True), so exports match.
+        # This is HF transformers' "yarn" rope_type with its defaults (truncate=True).
         def correction_dim(rotations: float) -> float:
             return d * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 

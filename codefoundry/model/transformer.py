@@ -22,8 +22,9 @@ from codefoundry.model.moe import MoE
 from codefoundry.model.mtp import MTPHead
 from codefoundry.model.norm import RMSNorm
 from codefoundry.model.rope import rope_tables
-
-IGNORE_INDEX = -100
+from codefoundry.tokenizer.special import (
+    IGNORE_INDEX,  # the label the loss skips (re-exported for callers)
+)
 
 
 class Transformer(nn.Module):

@@ -64,9 +64,9 @@ def run_tools(args: argparse.Namespace) -> int:
 
 
 def run_test_pairs(args: argparse.Namespace) -> int:
+    from codefoundry.checkpoint import load_model
     from codefoundry.post.builders import preference_pairs_from_tests
-    from codefoundry.train.checkpoint import load_model
-    from codefoundry.train.runtime import resolve_device
+    from codefoundry.runtime import resolve_device
 
     path = Path(args.problems)
     if not path.is_file():

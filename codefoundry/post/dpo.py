@@ -19,13 +19,14 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from codefoundry.checkpoint import load_model
 from codefoundry.config import TrainConfig
 from codefoundry.errors import UserError
 from codefoundry.post.loop import fit, save_result, setup
 from codefoundry.post.sft_data import Example, LoadReport, Source
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer.chat import ChatFormatError, render_chat
-from codefoundry.train.checkpoint import load_model
+from codefoundry.tokenizer.special import IGNORE_INDEX
 
 DPO_DEFAULTS: dict[str, Any] = {"lr": 2e-5, "max_steps": 200, "batch_size": 8, "seq_len": 1024,
                                 "schedule": "cosine", "warmup_steps": 10, "weight_decay": 0.0, "log_every": 10}
@@ -45,7 +46,7 @@ def render_pair(tok: CodeTokenizer, record: Any) -> tuple[Example, Example]:
         full = render_chat(tok, messages + [{"role": "assistant", "content": reply}])
         inputs, labels = full.labels()
         # Only the reply is scored: blank out any trained tokens inside the prompt context.
-        labels = [-100 if i < len(context.ids) - 1 else t for i, t in enumerate(labels)]
+        labels = [IGNORE_INDEX if i < len(context.ids) - 1 else t for i, t in enumerate(labels)]
         out.append(Example(inputs, labels))
     return out[0], out[1]
 
@@ -74,7 +75,7 @@ def pad_batch(examples: list[Example], pad_id: int, device: torch.device) -> tup
     never lets a real token see it."""
     width = max(len(e.inputs) for e in examples)
     x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), width), -100, dtype=torch.long)
+    y = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
         x[row, :len(e.inputs)] = torch.tensor(e.inputs)
         y[row, :len(e.labels)] = torch.tensor(e.labels)
@@ -84,7 +85,7 @@ def pad_batch(examples: list[Example], pad_id: int, device: torch.device) -> tup
 def sequence_logprobs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over each row's labelled tokens, shape (B,)."""
     logits = model(x).float()
-    nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
+    nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.sum(dim=1)
 
 

@@ -16,13 +16,14 @@ from typing import Any, Callable
 
 import torch
 
-from codefoundry.config import TrainConfig, parse_overrides, update_dataclass
+from codefoundry.checkpoint import read_model_config, save_checkpoint
+from codefoundry.config import TrainConfig, update_dataclass
 from codefoundry.errors import UserError
 from codefoundry.progress import Progress
-from codefoundry.train.checkpoint import read_model_config, save_checkpoint
+from codefoundry.recipes import parse_overrides
+from codefoundry.runtime import autocast, resolve_device, resolve_dtype, set_threads
 from codefoundry.train.metrics import MetricsLog
 from codefoundry.train.optim import build_optimizer
-from codefoundry.train.runtime import autocast, resolve_device, resolve_dtype, set_threads
 from codefoundry.train.schedule import lr_factor
 
 # One micro-batch: (loss to backpropagate, extra metrics as 0-d tensors). Values stay on the

@@ -10,11 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from codefoundry.checkpoint import load_model
 from codefoundry.config import TrainConfig
 from codefoundry.errors import UserError
 from codefoundry.post.loop import fit, save_result, setup
-from codefoundry.post.sft_data import LoadReport, Mixture, Source, pack_batches, render_examples
-from codefoundry.train.checkpoint import load_model
+from codefoundry.post.sft_data import (
+    LoadReport,
+    Mixture,
+    Source,
+    pack_batches,
+    render_examples,
+)
 
 SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "max_steps": 300, "batch_size": 8, "seq_len": 1024,
                                 "schedule": "cosine", "warmup_steps": 10, "weight_decay": 0.0, "log_every": 10}

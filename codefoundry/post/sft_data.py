@@ -31,6 +31,7 @@ import torch
 from codefoundry.errors import UserError
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer.chat import ChatFormatError, render_chat
+from codefoundry.tokenizer.special import IGNORE_INDEX
 
 Messages = list[dict[str, Any]]
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -117,7 +118,7 @@ def _hf_records(name: str) -> Iterator[Any]:
 
 @dataclass
 class Example:
-    """One rendered conversation as next-token pairs (labels -100 outside assistant spans)."""
+    """One rendered conversation as next-token pairs (labels IGNORE_INDEX outside assistant spans)."""
 
     inputs: list[int]
     labels: list[int]
@@ -147,7 +148,7 @@ def render_examples(records: Iterable[Any], tok: CodeTokenizer, seq_len: int,
         inputs, labels = rendered.labels()
         if len(inputs) > seq_len:
             report.skipped["longer than seq_len"] += 1
-        elif all(t == -100 for t in labels):
+        elif all(t == IGNORE_INDEX for t in labels):
             report.skipped["no assistant tokens"] += 1
         else:
             out.append(Example(inputs, labels))
@@ -181,19 +182,19 @@ def pack_rows(examples: Iterable[Example], seq_len: int, pad_id: int) -> Iterato
     """Rows of exactly ``seq_len`` (inputs, labels), conversations laid end to end.
 
     A conversation that does not fit the rest of a row starts the next one (conversations are
-    never split); the remainder of a row is padding with label -100.
+    never split); the remainder of a row is padding with label IGNORE_INDEX.
     """
     row_x: list[int] = []
     row_y: list[int] = []
     for ex in examples:
         if row_x and len(row_x) + len(ex.inputs) > seq_len:
             pad = seq_len - len(row_x)
-            yield row_x + [pad_id] * pad, row_y + [-100] * pad
+            yield row_x + [pad_id] * pad, row_y + [IGNORE_INDEX] * pad
             row_x, row_y = [], []
         row_x, row_y = row_x + ex.inputs, row_y + ex.labels
     if row_x:
         pad = seq_len - len(row_x)
-        yield row_x + [pad_id] * pad, row_y + [-100] * pad
+        yield row_x + [pad_id] * pad, row_y + [IGNORE_INDEX] * pad
 
 
 def pack_batches(examples: Iterable[Example], batch_size: int, seq_len: int, pad_id: int,

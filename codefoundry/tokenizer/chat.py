@@ -44,8 +44,8 @@ class Rendered:
         self.ids.extend(ids)
         self.mask.extend([int(trained)] * len(ids))
 
-    def labels(self, ignore_index: int = -100) -> tuple[list[int], list[int]]:
-        """(inputs, labels) for next-token training: labels[i] = ids[i+1] where trained, else -100."""
+    def labels(self, ignore_index: int = sp.IGNORE_INDEX) -> tuple[list[int], list[int]]:
+        """(inputs, labels) for next-token training: labels[i] = ids[i+1] where trained, else sp.IGNORE_INDEX."""
         inputs = self.ids[:-1]
         labels = [t if m else ignore_index for t, m in zip(self.ids[1:], self.mask[1:])]
         return inputs, labels

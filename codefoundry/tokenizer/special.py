@@ -11,6 +11,10 @@ ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
 TOOL_CALL_START, TOOL_CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
 TOOL_OUTPUT_START, TOOL_OUTPUT_END = "<|tool_output_start|>", "<|tool_output_end|>"
 
+# The label of a position that is not trained (PyTorch cross-entropy's default ignore_index):
+# chat renderers mask prompts with it, the model's loss skips it.
+IGNORE_INDEX = -100
+
 SPECIAL_TOKENS = [
     EOT, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD,
     SYSTEM_START, SYSTEM_END, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END,

@@ -6,34 +6,31 @@ import argparse
 import json
 from pathlib import Path
 
-from codefoundry.config import RunConfig, build_run_config, update_dataclass, parse_overrides
+from codefoundry.config import RunConfig
 from codefoundry.errors import UserError
+from codefoundry.recipes import build_run_config
 
 
 def resolve_run(args: argparse.Namespace) -> RunConfig:
-    """Preset/recipe/overrides; on --resume, the saved run config (plus any overrides) of the
-    checkpoint it continues from, or a fresh config when ``--resume auto`` finds none yet."""
+    """Preset/recipe/overrides; on --resume, the saved run config of the checkpoint it continues
+    from with the same overrides on top (a fresh config when ``--resume auto`` finds none yet).
+    ``--out`` and ``--data`` always win over what a saved config recorded."""
     if args.resume and "=" in args.resume:  # `--resume train.x=1`: argparse took the override as the value
         args.overrides, args.resume = [args.resume, *args.overrides], "auto"
-    if args.resume:
-        from codefoundry.config import ModelConfig, TrainConfig
-        from codefoundry.train.checkpoint import CheckpointManager
-
-        if not args.out:
-            raise UserError("--resume needs --out RUN_DIR (the directory of the run to continue)")
-        found = CheckpointManager(args.out).find_resume(args.resume)
-        if found is not None:
-            saved = found[1]["run"]
-            over = parse_overrides(args.overrides)
-            model = update_dataclass(ModelConfig(), {**saved["model"], **over.get("model", {})}, "model.")
-            train = update_dataclass(TrainConfig(), {**saved["train"], **over.get("train", {})}, "train.")
-            return RunConfig(preset=saved["preset"], model=model, train=train)
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"train.data={args.data}")
     if args.out:
         overrides.append(f"train.out={args.out}")
-    return build_run_config(args.preset, args.config, overrides)
+    base = None
+    if args.resume:
+        from codefoundry.train.checkpoint import CheckpointManager
+
+        if not args.out:
+            raise UserError("--resume needs --out RUN_DIR (the directory of the run to continue)")
+        found = CheckpointManager(args.out).find_resume(args.resume)
+        base = found[1]["run"] if found is not None else None
+    return build_run_config(args.preset, args.config, overrides, base=base)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -69,7 +66,7 @@ def run_presets(args: argparse.Namespace) -> int:
     import torch
 
     from codefoundry.model import Transformer
-    from codefoundry.model.presets import DESCRIPTIONS, PRESETS, features, get_preset
+    from codefoundry.presets import DESCRIPTIONS, PRESETS, features, get_preset
 
     print(f"{'preset':<16} {'params':>10} {'active':>10}  {'layers':>6} {'dim':>5} {'heads':>5} {'kv':>3}  description")
     for name in PRESETS:

@@ -1,10 +1,10 @@
-"""Device, precision and thread settings resolved from the config's 'auto' values."""
+"""Training-only runtime choices: compile, MFU peak, linear-layer precision, activation checkpointing.
+
+(Device, dtype and threads, which every stage needs, are in :mod:`codefoundry.runtime`.)"""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 
@@ -12,38 +12,6 @@ from codefoundry.errors import UserError
 
 # Dense bf16 peak FLOP/s used for MFU, by substring of the CUDA device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise UserError(f"train.dtype={name!r}: use auto, fp32, bf16 or fp16")
-    return table[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision around the forward pass; a no-op in fp32 (weights stay fp32 always)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def set_threads(threads: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -30,26 +30,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, decay_fraction:
     raise UserError(f"train.schedule={schedule!r}: use wsd, cosine or constant")
 
 
-def parse_curriculum(spec: str, seq_len: int) -> list[tuple[int, int]]:
-    """``"128:200,256:500"`` -> [(128, 200), (256, 500)]: row length and the step it lasts until.
-
-    Lengths must divide ``seq_len`` (rows are cut from full-length rows, see PackedLoader) and
-    stages must be in increasing step order.
-    """
-    stages: list[tuple[int, int]] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        try:
-            length, until = (int(v) for v in part.split(":"))
-        except ValueError:
-            raise UserError(f"train.curriculum={spec!r}: write SEQ:UNTIL_STEP pairs, e.g. 128:200,256:500") from None
-        if length <= 0 or seq_len % length:
-            raise UserError(f"train.curriculum: row length {length} must divide train.seq_len={seq_len}")
-        if stages and until <= stages[-1][1]:
-            raise UserError(f"train.curriculum={spec!r}: stage steps must increase")
-        stages.append((length, until))
-    return stages
-
-
 def curriculum_seq_len(step: int, stages: list[tuple[int, int]], seq_len: int) -> int:
     """Row length for ``step``: the first stage not yet finished, else the full ``seq_len``."""
     return next((length for length, until in stages if step < until), seq_len)

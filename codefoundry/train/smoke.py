@@ -13,9 +13,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from codefoundry.config import build_run_config
 from codefoundry.data.shards import ShardWriter
 from codefoundry.errors import UserError
+from codefoundry.recipes import build_run_config
 from codefoundry.tokenizer import train_tokenizer
 
 _TEMPLATES = [
@@ -59,7 +59,7 @@ def make_synthetic_data(out: str | Path, vocab_size: int = 512, n_docs: int = 60
 def smoke_test(out: str | Path, preset: str = "tiny", steps: int = 40, overrides: list[str] | None = None,
                show_progress: bool = True) -> dict[str, Any]:
     """Train ``preset`` on synthetic data for ``steps`` steps; raise UserError if training does not work."""
-    from codefoundry.train.checkpoint import load_model
+    from codefoundry.checkpoint import load_model
     from codefoundry.train.metrics import read_metrics
     from codefoundry.train.trainer import pretrain
 

@@ -22,21 +22,26 @@ from typing import Any
 import torch
 from safetensors.torch import load_model as st_load_model
 
-from codefoundry.config import RunConfig
+from codefoundry.config import RunConfig, parse_curriculum
 from codefoundry.data.loader import PackedLoader
 from codefoundry.data.shards import Shard
 from codefoundry.errors import UserError
 from codefoundry.model import Transformer
 from codefoundry.model.transformer import IGNORE_INDEX
 from codefoundry.progress import Progress
+from codefoundry.runtime import autocast, resolve_device, resolve_dtype, set_threads
 from codefoundry.train import distributed as D
 from codefoundry.train.checkpoint import CheckpointManager
 from codefoundry.train.guard import StepGuard
 from codefoundry.train.metrics import MetricsLog
 from codefoundry.train.optim import build_optimizer
-from codefoundry.train.runtime import (apply_linear_precision, autocast, enable_activation_checkpointing, peak_flops,
-                                       resolve_device, resolve_dtype, set_threads, use_compile)
-from codefoundry.train.schedule import curriculum_seq_len, lr_factor, parse_curriculum
+from codefoundry.train.runtime import (
+    apply_linear_precision,
+    enable_activation_checkpointing,
+    peak_flops,
+    use_compile,
+)
+from codefoundry.train.schedule import curriculum_seq_len, lr_factor
 
 CALIBRATION_STEPS = 10  # time-budgeted runs measure this many steps before fixing the step count
 
@@ -85,9 +90,10 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
     ckpt_dir, state = found if found else (None, None)
 
     vocab = Shard(data / "train").meta["vocab_size"]
-    mcfg = dataclasses.replace(run.model, vocab_size=vocab)
-    if tc.loss_chunk >= 0:
-        mcfg = dataclasses.replace(mcfg, loss_chunk=tc.loss_chunk)
+    mcfg = dataclasses.replace(run.model, vocab_size=vocab)  # rounded up to model.vocab_multiple
+    if mcfg.vocab_size != run.model.vocab_size and info.is_main:
+        print(f"model.vocab_size {run.model.vocab_size} -> {mcfg.vocab_size}: the data's tokenizer has {vocab} tokens",
+              flush=True)
     if tc.seq_len > mcfg.max_seq_len:
         raise UserError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}; raise model.max_seq_len")
     if tc.optimizer == "muon" and info.sharded:

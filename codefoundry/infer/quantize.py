@@ -18,13 +18,11 @@ torchao configs used, chosen because they run on CPU as well as CUDA (checked wi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
 from codefoundry.errors import UserError
-from codefoundry.export.schemes import SCHEMES
+from codefoundry.infer.load import SCHEMES
 from codefoundry.model import Transformer
 
 DEFAULT_GROUP_SIZE = 32
@@ -65,19 +63,6 @@ def quantize_model(model: Transformer, scheme: str, group_size: int = DEFAULT_GR
     targets = {id(m) for _, m in layers}
     quantize_(model, _torchao_config(scheme, group_size), filter_fn=lambda m, _: id(m) in targets)
     return model
-
-
-def load_quantized(path: str | Path, device: str | torch.device = "cpu", scheme: str = "none",
-                   group_size: int = DEFAULT_GROUP_SIZE):
-    """``load_model`` followed by :func:`quantize_model`: what `generate` and `eval bpb` call for --quantize.
-
-    (chat / agent / serve go through ``infer.cli.load_for_inference``, which casts to the
-    requested dtype between loading and quantizing.)
-    """
-    from codefoundry.train.checkpoint import load_model
-
-    model, tokenizer = load_model(path, device)
-    return quantize_model(model, scheme, group_size), tokenizer
 
 
 def weight_bytes(model: nn.Module) -> int:
