@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from codefoundry.data.sources import stdlib_root
 from codefoundry.errors import UserError
@@ -14,7 +13,8 @@ from codefoundry.tokenizer import CodeTokenizer
 
 def run_prepare(args: argparse.Namespace) -> int:
     silence_tqdm()
-    from codefoundry.data.pipeline import summary_table  # datatrove: imported only when the command runs
+    from codefoundry.data.executors import ExecutorOptions  # datatrove: imported only when the command runs
+    from codefoundry.data.pipeline import summary_table
     from codefoundry.data.prepare import prepare
 
     sources = args.source or [str(stdlib_root())]
@@ -22,12 +22,22 @@ def run_prepare(args: argparse.Namespace) -> int:
     languages = {s.strip() for s in args.languages.split(",") if s.strip()} or None
     if not 0 <= args.fim_rate <= 1:
         raise UserError(f"--fim-rate must be between 0 and 1, got {args.fim_rate}")
-    result = prepare(sources, tokenizer, Path(args.out), args.val_fraction, languages,
+    execution = ExecutorOptions(args.executor, args.ray_address, args.slurm_partition, args.slurm_time,
+                                args.slurm_cpus_per_task, args.slurm_mem_per_cpu_gb, args.slurm_job_name,
+                                args.slurm_env_command)
+    result = prepare(sources, tokenizer, args.out, args.val_fraction, languages, execution=execution,
                      fim_rate=args.fim_rate, seed=args.seed, filters=not args.no_filters,
                      quality_threshold=args.quality_threshold, exact_dedup=not args.no_dedup,
                      near_dedup=not args.no_dedup, near_dedup_threshold=args.near_dedup_threshold,
                      decontaminate=not args.no_decontaminate, benchmarks=args.benchmarks,
-                     max_tokens=args.max_tokens, val_by=args.val_by, workers=args.workers, tasks=args.tasks)
+                     max_tokens=args.max_tokens, val_by=args.val_by, workers=args.workers, tasks=args.tasks,
+                     max_file_bytes=int(args.max_file_mb * 1e6), follow_symlinks=args.follow_symlinks)
+    if "slurm_jobs" in result:
+        for stage, job in result["slurm_jobs"].items():
+            print(f"slurm job {job}: {stage}")
+        print("submitted; when the jobs finish, run the same command again to print the summary "
+              "(it also resubmits only unfinished tasks if a job failed)")
+        return 0
     print(summary_table(result))
     print(f"shards in {args.out}/train and {args.out}/val (details in their metadata.json)")
     return 0
@@ -60,4 +70,18 @@ def register(subparsers) -> None:
     d.add_argument("--no-decontaminate", action="store_true", help="skip HumanEval/MBPP decontamination")
     d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
     d.add_argument("--tasks", type=int, default=0, help="input shards (datatrove tasks); default: one per worker")
+    d.add_argument("--max-file-mb", type=float, default=10.0, help="skip (and count) files larger than this, unread")
+    d.add_argument("--follow-symlinks", action="store_true",
+                   help="read symlinks that point outside a source folder (default: skip and count them)")
+    d.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                   help="where the datatrove stages run (same output whichever): local processes, "
+                        "a Ray cluster or Slurm job arrays; --source/--out may then be s3:// etc. URLs")
+    d.add_argument("--ray-address", default=None, help="Ray cluster address for ray.init (default: start one here)")
+    d.add_argument("--slurm-partition", default=None, help="sbatch --partition (required with --executor slurm)")
+    d.add_argument("--slurm-time", default="24:00:00", help="sbatch --time for each stage's jobs")
+    d.add_argument("--slurm-cpus-per-task", type=int, default=1, help="sbatch --cpus-per-task")
+    d.add_argument("--slurm-mem-per-cpu-gb", type=int, default=2, help="sbatch --mem-per-cpu in GB")
+    d.add_argument("--slurm-job-name", default="codefoundry-data", help="job-name prefix (each stage is PREFIX-STAGE)")
+    d.add_argument("--slurm-env-command", default=None,
+                   help="shell line the jobs run to activate Python (default: source this venv's activate)")
     d.set_defaults(func=run_prepare)

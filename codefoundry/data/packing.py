@@ -11,7 +11,6 @@ loader reads, applying the ``--max-tokens`` budget and building per-domain valid
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -21,8 +20,11 @@ import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from datatrove.io import DataFolder
+from tokenizers import Tokenizer
+
 from codefoundry.data.fim import doc_rng, fim_split, fim_tokens
-from codefoundry.data.shards import Shard, ShardWriter
+from codefoundry.data.shards import Shard, ShardWriter, as_folder
 from codefoundry.tokenizer import CodeTokenizer
 
 DOC_INFO = np.dtype([("key", "<u8"), ("bytes", "<i8"), ("language", "<i4"), ("source", "<i4")])
@@ -42,7 +44,7 @@ def copies(weight: float, seed: int, doc_id: str) -> int:
 class PartWriter:
     """One rank's part shard for one split, with the per-document table the merge needs."""
 
-    def __init__(self, folder: Path, vocab_size: int) -> None:
+    def __init__(self, folder: DataFolder, vocab_size: int) -> None:
         self.writer = ShardWriter(folder, vocab_size)
         self.info: list[tuple[int, int, int, int]] = []
         self.names: dict[str, dict[str, int]] = {"language": {}, "source": {}}
@@ -55,7 +57,8 @@ class PartWriter:
         self.info.append((key, n_bytes, self._code("language", language), self._code("source", source)))
 
     def close(self, meta: dict[str, Any]) -> None:
-        np.save(self.writer.dir / "docs.npy", np.array(self.info, dtype=DOC_INFO))
+        with self.writer.folder.open("docs.npy", "wb") as f:
+            np.save(f, np.array(self.info, dtype=DOC_INFO))
         names = {kind: sorted(table, key=table.get) for kind, table in self.names.items()}
         self.writer.close({**meta, "names": names})  # metadata.json last: the part is complete
 
@@ -66,10 +69,10 @@ class TokenizeToParts(PipelineStep):
     type = "💽 - WRITER"
     name = "tokenize + FIM -> part shards"
 
-    def __init__(self, parts_dir: str | Path, tokenizer_path: str | Path, fim_rate: float, seed: int,
+    def __init__(self, parts_dir: str, tokenizer_json: str, fim_rate: float, seed: int,
                  weights: dict[str, float], batch_docs: int = 128) -> None:
         super().__init__()
-        self.parts_dir, self.tokenizer_path = Path(parts_dir), Path(tokenizer_path)
+        self.parts_dir, self.tokenizer_json = parts_dir, tokenizer_json  # the JSON itself: any executor can run it
         self.fim_rate, self.seed, self.weights, self.batch_docs = fim_rate, seed, weights, batch_docs
 
     def _rows(self, doc: Document) -> Iterator[tuple[str, int, str, Any]]:
@@ -84,8 +87,10 @@ class TokenizeToParts(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
         """Consumes the stream (a terminal step, like datatrove's own signature writers)."""
-        tok = CodeTokenizer.from_file(self.tokenizer_path)
-        parts = {s: PartWriter(self.parts_dir / s / f"{rank:05d}", tok.vocab_size) for s in ("train", "val")}
+        tok = CodeTokenizer(Tokenizer.from_str(self.tokenizer_json))
+        parts_dir = as_folder(self.parts_dir)
+        parts = {s: PartWriter(as_folder(parts_dir.resolve_paths(f"{s}/{rank:05d}")), tok.vocab_size)
+                 for s in ("train", "val")}
         fim_rows: dict[str, int] = defaultdict(int)
         batch: list[tuple[Document, tuple[str, int, str, Any]]] = []
 
@@ -114,16 +119,25 @@ class TokenizeToParts(PipelineStep):
             part.close({"split": split, "rank": rank, "fim_rows": dict(fim_rows) if split == "train" else {}})
 
 
-def merge_parts(parts_dir: Path, out_dir: Path, vocab_size: int, metadata: dict[str, Any], max_tokens: int = 0,
-                domain: tuple[str, str] | None = None) -> dict[str, Any]:
+def finished_parts(parts_dir: str | Path | DataFolder) -> list[Shard]:
+    """The complete parts of one split (those with a ``metadata.json``), in rank order."""
+    folder = as_folder(parts_dir)
+    if not folder.isdir(""):
+        return []
+    names = folder.list_files(glob_pattern="*/metadata.json")
+    return [Shard(as_folder(folder.resolve_paths(name.rsplit("/", 1)[0]))) for name in names]
+
+
+def merge_parts(parts_dir: str | Path | DataFolder, out_dir: str | Path | DataFolder, vocab_size: int,
+                metadata: dict[str, Any], max_tokens: int = 0, domain: tuple[str, str] | None = None) -> dict[str, Any]:
     """Concatenate the finished parts (rank order) into one shard; returns its metadata.
 
     ``max_tokens`` keeps the documents with the smallest stable keys until the budget is
     spent: a uniform, reproducible sample. ``domain=("language", "python")`` keeps one domain.
     """
-    parts = [Shard(p) for p in sorted(parts_dir.iterdir()) if (p / "metadata.json").is_file()]
+    parts = finished_parts(parts_dir)
     writer = ShardWriter(out_dir, vocab_size)
-    infos = [np.load(p.dir / "docs.npy") for p in parts]
+    infos = [p.load("docs.npy") for p in parts]
     keep = [np.ones(len(i), dtype=bool) for i in infos]
     if domain is not None:
         kind, name = domain
@@ -166,10 +180,6 @@ def merge_parts(parts_dir: Path, out_dir: Path, vocab_size: int, metadata: dict[
     return {**meta, "documents": len(writer.offsets), "tokens": writer.n_tokens}
 
 
-def domains_of(parts_dir: Path, kind: str) -> list[str]:
+def domains_of(parts_dir: str | Path | DataFolder, kind: str) -> list[str]:
     """Every language (or source) present in the parts of one split."""
-    names: set[str] = set()
-    for p in parts_dir.iterdir():
-        if (p / "metadata.json").is_file():
-            names.update(json.loads((p / "metadata.json").read_text())["names"][kind])
-    return sorted(names)
+    return sorted({name for part in finished_parts(parts_dir) for name in part.meta["names"][kind]})

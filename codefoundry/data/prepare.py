@@ -19,18 +19,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from codefoundry.data.executors import ExecutorOptions
 from codefoundry.data.pipeline import PrepareOptions, prepare_pipeline
 from codefoundry.data.readers import SourceSpec
 from codefoundry.errors import UserError
 from codefoundry.tokenizer import CodeTokenizer
 
 
-def prepare(sources: list[Path | str | SourceSpec], tokenizer: CodeTokenizer, out_dir: Path,
+def prepare(sources: list[Path | str | SourceSpec], tokenizer: CodeTokenizer, out_dir: Path | str,
             val_fraction: float = 0.04, languages: set[str] | None = None, show_progress: bool = True,
-            **options: Any) -> dict[str, Any]:
+            execution: ExecutorOptions | None = None, **options: Any) -> dict[str, Any]:
     """Run the data pipeline; returns per-split metadata (``documents``, ``tokens``, ``bytes``, ...).
 
-    ``options`` are the fields of :class:`PrepareOptions` (``fim_rate``, ``workers``, ``max_tokens``...).
+    ``out_dir`` and the sources may be fsspec URLs. ``options`` are the fields of
+    :class:`PrepareOptions` (``fim_rate``, ``workers``, ``max_tokens``...); ``execution`` picks the
+    executor (local by default, Ray or Slurm).
     """
     specs = [s if isinstance(s, SourceSpec) else SourceSpec.parse(str(s)) for s in sources]
     names = [s.name for s in specs]
@@ -38,4 +41,4 @@ def prepare(sources: list[Path | str | SourceSpec], tokenizer: CodeTokenizer, ou
         dup = next(n for n in names if names.count(n) > 1)
         raise UserError(f"two sources are both named {dup!r} (the last path component); pass distinct folders")
     opt = PrepareOptions(val_fraction=val_fraction, languages=sorted(languages) if languages else None, **options)
-    return prepare_pipeline(specs, tokenizer, Path(out_dir), opt, show_progress=show_progress)
+    return prepare_pipeline(specs, tokenizer, str(out_dir), opt, show_progress=show_progress, execution=execution)

@@ -1,30 +1,39 @@
 """Readers: every kind of source becomes a stream of datatrove ``Document``s.
 
-A source is a local folder of code (language from the extension), a JSONL / JSONL.gz /
-JSONL.zst file or folder, a Parquet file or folder, or ``hf:NAME`` (HF ``datasets`` streaming,
-needs network). Rows may use the column layouts of The Stack v1/v2, StarCoderData and
+A source is a folder or a file, local or at an fsspec URL (``file://``, ``s3://``, ``hf://``,
+``memory://``...), or ``hf:NAME`` (HF ``datasets`` streaming, needs network). A folder may mix
+code files (language from the extension), JSONL / JSONL.gz / JSONL.zst and Parquet files: every
+one of them is read. Rows may use the column layouts of The Stack v1/v2, StarCoderData and
 CodeParrot; :func:`code_adapter` maps them all to one document shape::
 
     Document(text, id, metadata={"language", "path", "source"})
 
-Bad input never stops a run: corrupt JSON lines, undecodable or binary files, unreadable
-Parquet files and rows without a text column are skipped and counted in a :class:`DropLedger`.
-Readers shard their input over datatrove ranks, so the same reader serves a laptop and a cluster.
+Bad input never stops a run: corrupt JSON lines, truncated or corrupt compressed files (the rows
+before the damage are kept), undecodable, binary, oversized or non-regular files, symlinks
+leaving the source tree, unreadable Parquet files, and rows or files without a text column are
+skipped and counted in a :class:`DropLedger`. Files are sharded over datatrove ranks, so the
+same reader serves a laptop and a cluster.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import parse_qsl
 
+import zstandard
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.io import DataFolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
+from fsspec.core import url_to_fs
 
 from codefoundry.data.ledger import DropLedger
-from codefoundry.data.sources import decode_text, iter_source_files, language_of, normalize_language
+from codefoundry.data.sources import (MAX_FILE_BYTES, FolderEntry, decode_text, kind_of, language_of,
+                                      normalize_language, read_bytes, scan_folder)
 from codefoundry.errors import UserError
 
 TEXT_KEYS = ("content", "text", "code")
@@ -32,7 +41,9 @@ LANGUAGE_KEYS = ("lang", "language")
 PATH_KEYS = ("path", "max_stars_repo_path", "file_path")
 REPO_KEYS = ("repo_name", "repository_name", "max_stars_repo_name")
 ID_KEYS = ("id", "blob_id", "hexsha")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
+# What a damaged file raises while it is streamed: gzip's EOFError / BadGzipFile (an OSError),
+# zstandard's ZstdError, pyarrow's ArrowInvalid (a ValueError) and ArrowIOError (an OSError).
+READ_ERRORS = (EOFError, OSError, ValueError, zstandard.ZstdError)
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,9 @@ def code_adapter(self, data: dict, path: str, id_in_file: int | str) -> dict:
     lang = _first(data, LANGUAGE_KEYS)
     language = normalize_language(lang) if isinstance(lang, str) else (language_of(file_path, include_markup=True) or "unknown")
     doc_id = _first(data, ID_KEYS) or (f"{repo}/{file_path}" if repo and file_path else where)
+    if len(text) > self.max_bytes // 4 and len(text.encode()) > self.max_bytes:
+        self.ledger.add("too_large", where, len(text.encode()), self.rank)
+        return {"text": "", "id": where}
     if not text.strip():
         self.ledger.add("empty", where, len(text.encode()), self.rank)
     return {"text": text, "id": f"{self.source}/{doc_id}",
@@ -99,6 +113,7 @@ class _LedgerMixin:
     ledger: DropLedger
     source: str
     rank: int = 0
+    max_bytes: int = MAX_FILE_BYTES
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         self.rank = rank
@@ -107,105 +122,162 @@ class _LedgerMixin:
 
 
 class CodeJsonlReader(_LedgerMixin, JsonlReader):
-    """JSONL(.gz/.zst) rows; a line that is not valid JSON (or not UTF-8) is counted and skipped."""
+    """JSONL(.gz/.zst) rows; a line that is not valid JSON (or not UTF-8) is counted and skipped,
+    and a truncated or corrupt file keeps the rows read before the damage and is counted once."""
 
     name = "code jsonl"
+
+    def _lines(self, filepath: str) -> Iterator[tuple[int, str]]:
+        # Text mode (zstd streams cannot iterate lines in binary mode); undecodable bytes become
+        # surrogates, which orjson rejects, so such a line is counted like any corrupt one.
+        try:
+            with self.data_folder.open(filepath, "r", compression=self.compression, errors="surrogateescape") as f:
+                yield from enumerate(f)
+        except READ_ERRORS as exc:
+            self.ledger.add("truncated_or_corrupt_file", f"{filepath}: {type(exc).__name__}", 0, self.rank)
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         import orjson
 
-        # Text mode (zstd streams cannot iterate lines in binary mode); undecodable bytes become
-        # surrogates, which orjson rejects, so such a line is counted like any corrupt one.
-        with self.data_folder.open(filepath, "r", compression=self.compression, errors="surrogateescape") as f:
-            for li, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    self.ledger.add("corrupt_json", f"{filepath}:{li}", len(line.encode(errors="surrogateescape")),
-                                    self.rank)
-                    continue
-                if not isinstance(row, dict):
-                    self.ledger.add("corrupt_json", f"{filepath}:{li}", len(line.encode()), self.rank)
-                    continue
-                doc = self.get_document_from_dict(row, filepath, li)
-                if doc:
-                    yield doc
+        for li, line in self._lines(filepath):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                self.ledger.add("corrupt_json", f"{filepath}:{li}", len(line.encode(errors="surrogateescape")),
+                                self.rank)
+                continue
+            doc = self.get_document_from_dict(row, filepath, li)
+            if doc:
+                yield doc
 
 
 class CodeParquetReader(_LedgerMixin, ParquetReader):
-    """Parquet row groups; a file pyarrow cannot read is counted and skipped."""
+    """Parquet row groups. A file pyarrow cannot read is counted and skipped (rows read before the
+    damage are kept); a file with no text column is counted with all its rows, unread."""
 
     name = "code parquet"
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
+        import pyarrow.parquet as pq
+
         try:
+            with self.data_folder.open(filepath, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            if not set(TEXT_KEYS) & set(meta.schema.names):
+                self.ledger.add("no_text_column", f"{filepath}: columns {meta.schema.names[:8]}", 0, self.rank,
+                                documents=meta.num_rows)
+                return
             yield from super().read_file(filepath)
-        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError / ... on corrupt files
+        except READ_ERRORS as exc:
             self.ledger.add("corrupt_parquet", f"{filepath}: {type(exc).__name__}", 0, self.rank)
 
 
-class CodeFolderReader(PipelineStep):
-    """A folder (or single file) of source files, one document per file, sharded over ranks by file."""
+def local_path(location: str) -> str | None:
+    """The local path of a plain path or ``file://`` URL; None for any other fsspec URL."""
+    if location.startswith("file://"):
+        return location.removeprefix("file://")
+    return None if "://" in location else location
+
+
+class SourceReader(PipelineStep):
+    """Every file of one source, sharded over ranks by file: a code file is one document, a
+    JSONL or Parquet file one per row. Local folders are walked by :func:`scan_folder` (no depth
+    limit, FIFOs never opened, symlinks leaving the tree not followed unless asked); remote ones
+    are listed through fsspec. Skipped files are counted in the source's ledger."""
 
     type = "📖 - READER"
-    name = "code folder"
+    name = "source"
 
-    def __init__(self, root: str | Path, source: str, ledger: DropLedger, languages: set[str] | None) -> None:
+    def __init__(self, spec: "SourceSpec", ledger: DropLedger, languages: set[str] | None,
+                 max_file_bytes: int = MAX_FILE_BYTES, follow_symlinks: bool = False) -> None:
         super().__init__()
-        self.root, self.source, self.ledger, self.languages = Path(root), source, ledger, languages
+        self.location, self.source, self.ledger, self.languages = spec.location, spec.name, ledger, languages
+        self.max_bytes, self.follow_symlinks = max_file_bytes, follow_symlinks
+        self.local = local_path(spec.location)
+        if self.local is not None:
+            path = Path(self.local)
+            self.root = str(path if path.is_dir() else path.parent)
+        else:
+            fs, path = url_to_fs(spec.location)
+            self.root = spec.location if fs.isdir(path) else spec.location.rstrip("/").rsplit("/", 1)[0]
+        common = {"adapter": code_adapter}
+        self.readers = {"jsonl": CodeJsonlReader(self.root, **common), "parquet": CodeParquetReader(self.root, **common)}
+        for reader in self.readers.values():
+            reader.ledger, reader.source, reader.max_bytes = ledger, self.source, max_file_bytes
+
+    def entries(self) -> list[FolderEntry]:
+        """Every file of the source in a stable order, skipped ones included (so each is counted once)."""
+        if self.local is not None:
+            return list(scan_folder(Path(self.local), self.languages, self.follow_symlinks))
+        fs, path = url_to_fs(self.location)
+        root = url_to_fs(self.root)[1].rstrip("/")
+        found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+        entries = []
+        for name, info in sorted(found.items()):
+            rel = name[len(root):].lstrip("/")
+            kind = kind_of(rel.rsplit("/", 1)[-1], self.languages)
+            if kind and info.get("type") == "file":
+                too_large = kind[0] == "code" and (info.get("size") or 0) > self.max_bytes
+                entries.append(FolderEntry(name, rel, *kind, skip="too_large" if too_large else None))
+        return entries
+
+    def _code_document(self, entry: FolderEntry, folder: DataFolder, rank: int) -> Document | None:
+        if self.local is not None:
+            raw, reason = read_bytes(Path(entry.path), self.max_bytes)
+        else:
+            with folder.open(entry.relpath, "rb") as f:
+                raw, reason = f.read(self.max_bytes + 1), None
+        if raw is not None and len(raw) > self.max_bytes:
+            raw, reason = None, "too_large"
+        text = None
+        if raw is not None:
+            text, reason = decode_text(raw)
+        if reason:
+            self.ledger.add(reason, entry.path, len(raw or b""), rank)
+            return None
+        self.stat_update("documents")
+        return Document(text=text, id=f"{self.source}/{entry.relpath}",
+                        metadata={"language": entry.language, "path": entry.relpath, "source": self.source})
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
+        folder = DataFolder(self.root)
         with self.ledger:
-            for sf in list(iter_source_files([self.root], self.languages))[rank::world_size]:
-                try:
-                    raw = sf.path.read_bytes()
-                except OSError:
-                    self.ledger.add("unreadable", str(sf.path), 0, rank)
-                    continue
-                text, reason = decode_text(raw)
-                if reason:
-                    self.ledger.add(reason, str(sf.path), len(raw), rank)
-                    continue
-                self.stat_update("documents")
-                yield Document(text=text, id=f"{self.source}/{sf.relpath}",
-                               metadata={"language": sf.language, "path": sf.relpath, "source": self.source})
+            for reader in self.readers.values():
+                reader.rank = rank
+            for entry in self.entries()[rank::world_size]:
+                if entry.skip:
+                    self.ledger.add(entry.skip, entry.path, 0, rank)
+                elif entry.kind == "code":
+                    doc = self._code_document(entry, folder, rank)
+                    if doc is not None:
+                        yield doc
+                elif self.local is not None and not stat.S_ISREG(os.stat(entry.path).st_mode):
+                    self.ledger.add("not_regular_file", entry.path, 0, rank)  # a FIFO named x.jsonl
+                else:
+                    yield from self.readers[entry.kind].read_file(entry.relpath)
 
 
-def build_reader(spec: SourceSpec, ledger_dir: Path, languages: set[str] | None) -> PipelineStep:
-    """The datatrove reader for one source, chosen by what the path holds."""
+def build_reader(spec: SourceSpec, ledger_dir: str, languages: set[str] | None,
+                 max_file_bytes: int = MAX_FILE_BYTES, follow_symlinks: bool = False) -> PipelineStep:
+    """The datatrove reader for one source (a folder, a file or an URL of either; or ``hf:NAME``)."""
     ledger = DropLedger(ledger_dir, f"read-{spec.name}", "unreadable")
-    common = {"adapter": code_adapter}
     if spec.location.startswith("hf:"):
         return _hf_reader(spec, ledger)
-    path = Path(spec.location)
-    if not path.exists():
-        raise UserError(f"source {path} does not exist; pass a folder or file of code with --source")
-    if path.is_file():
-        folder, glob = str(path.parent), path.name
-        kind = "parquet" if path.name.endswith(".parquet") else "jsonl" if path.name.endswith(JSONL_SUFFIXES) else "code"
+    local = local_path(spec.location)
+    if local is not None:
+        if not Path(local).exists() and not Path(local).is_symlink():
+            raise UserError(f"source {local} does not exist; pass a folder or file of code with --source")
     else:
-        folder, glob, kind = str(path), None, _folder_kind(path)
-    if kind == "parquet":
-        reader = CodeParquetReader(folder, glob_pattern=glob or "**/*.parquet", **common)
-    elif kind == "jsonl":
-        reader = CodeJsonlReader(folder, glob_pattern=glob or "**/*.jsonl*", **common)
-    else:
-        return CodeFolderReader(path, spec.name, ledger, languages)
-    reader.ledger, reader.source = ledger, spec.name
-    return reader
-
-
-def _folder_kind(folder: Path) -> str:
-    """'code' for a folder holding any source file, else 'parquet' / 'jsonl' for a dataset folder."""
-    if next(iter_source_files([folder]), None) is not None:
-        return "code"
-    if next(folder.rglob("*.parquet"), None) is not None:
-        return "parquet"
-    return "jsonl" if next(folder.rglob("*.jsonl*"), None) is not None else "code"
+        fs, path = url_to_fs(spec.location)
+        if not fs.exists(path):
+            raise UserError(f"source {spec.location} does not exist; pass a folder or file of code with --source")
+    return SourceReader(spec, ledger, languages, max_file_bytes, follow_symlinks)
 
 
 class CodeHFReader(_LedgerMixin, HuggingFaceDatasetReader):

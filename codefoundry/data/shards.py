@@ -4,19 +4,25 @@
 ``index.npy`` holds one (offset, length) row per document. Every document starts with the
 end-of-text/BOS token, so the stream packs into training rows without extra bookkeeping.
 Files are written under temporary names and renamed, so a killed run never leaves a
-half-written shard that looks finished.
+half-written shard that looks finished. Shards may be written to (and parts read from) any
+fsspec URL; training reads local shards through ``np.memmap``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datatrove.io import DataFolder, get_datafolder
 
 from codefoundry.errors import UserError
+
+
+def as_folder(path: str | Path | DataFolder) -> DataFolder:
+    """A datatrove ``DataFolder`` (fsspec) for a local path or any fsspec URL."""
+    return get_datafolder(str(path) if isinstance(path, Path) else path)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -26,12 +32,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Append tokenized documents; ``close`` writes the three files atomically."""
 
-    def __init__(self, out_dir: str | Path, vocab_size: int) -> None:
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out_dir: str | Path | DataFolder, vocab_size: int) -> None:
+        self.folder = as_folder(out_dir)
+        self.folder.makedirs("", exist_ok=True)
         self.dtype = token_dtype(vocab_size)
-        self._tmp_tokens = self.dir / "tokens.bin.tmp"
-        self._f = open(self._tmp_tokens, "wb")
+        self._f = self.folder.open("tokens.bin.tmp", "wb")
         self.offsets: list[int] = []
         self.lengths: list[int] = []
         self.n_tokens = 0
@@ -55,30 +60,39 @@ class ShardWriter:
         self._f.close()
         index = np.stack([np.asarray(self.offsets, dtype=np.int64), np.asarray(self.lengths, dtype=np.int64)], axis=1) \
             if self.offsets else np.zeros((0, 2), dtype=np.int64)
-        tmp_index = self.dir / "index.npy.tmp"
-        with open(tmp_index, "wb") as f:
+        with self.folder.open("index.npy.tmp", "wb") as f:
             np.save(f, index)
         meta = {"dtype": self.dtype.name, "documents": len(self.offsets), "tokens": self.n_tokens, **metadata}
-        tmp_meta = self.dir / "metadata.json.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(self._tmp_tokens, self.dir / "tokens.bin")
-        os.replace(tmp_index, self.dir / "index.npy")
-        os.replace(tmp_meta, self.dir / "metadata.json")  # last: its presence means "complete"
+        with self.folder.open("metadata.json.tmp", "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+        for name in ("tokens.bin", "index.npy", "metadata.json"):  # metadata last: its presence means "complete"
+            self.folder.mv(f"{name}.tmp", name)
 
 
 class Shard:
-    """Read-only view of one shard directory."""
+    """Read-only view of one shard directory (memory-mapped when local, read whole when remote)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.dir = Path(path)
-        meta_path = self.dir / "metadata.json"
-        if not meta_path.is_file():
-            raise UserError(f"{self.dir} is not a finished shard (no metadata.json); run `codefoundry data prepare`")
-        self.meta = json.loads(meta_path.read_text())
-        self.index = np.load(self.dir / "index.npy")
-        n = self.meta["tokens"]
-        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r", shape=(n,)) \
-            if n else np.zeros(0, dtype=np.dtype(self.meta["dtype"]))
+    def __init__(self, path: str | Path | DataFolder) -> None:
+        self.folder = as_folder(path)
+        if not self.folder.isfile("metadata.json"):
+            raise UserError(f"{self.folder.path} is not a finished shard (no metadata.json); "
+                            "run `codefoundry data prepare`")
+        with self.folder.open("metadata.json", "r") as f:
+            self.meta = json.load(f)
+        self.index = self.load("index.npy")
+        n, dtype = self.meta["tokens"], np.dtype(self.meta["dtype"])
+        if not n:
+            self.tokens = np.zeros(0, dtype=dtype)
+        elif self.folder.is_local():
+            self.tokens = np.memmap(self.folder.resolve_paths("tokens.bin"), dtype=dtype, mode="r", shape=(n,))
+        else:
+            with self.folder.open("tokens.bin", "rb") as f:
+                self.tokens = np.frombuffer(f.read(), dtype=dtype, count=n)
+
+    def load(self, name: str) -> np.ndarray:
+        """A ``.npy`` file of this shard (the index, or a part's ``docs.npy``)."""
+        with self.folder.open(name, "rb") as f:
+            return np.load(f)
 
     def __len__(self) -> int:
         return len(self.index)

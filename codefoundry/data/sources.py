@@ -1,23 +1,34 @@
 """Where code comes from: local folders (default: the Python standard library's source).
 
-Files are read as bytes and decoded strictly; anything unreadable, binary, non-UTF-8 or
-empty is reported with a reason so the caller can count it instead of dropping it silently.
+Folders are walked without recursion (any depth), in sorted order. Files are read as bytes
+and decoded strictly; anything the pipeline cannot or should not read is reported with a
+reason so the caller counts it instead of dropping it silently or stalling on it:
+
+* a FIFO, socket or device named like code (``not_regular_file``: opened non-blocking, never read);
+* a file over ``max_bytes`` (``too_large``: never read into memory);
+* a symlink leaving the source tree (``symlink_outside_source``: followed only when asked),
+  a dangling symlink (``broken_symlink``) or a symlink loop (``symlink_loop``);
+* an unreadable, binary, non-UTF-8 or empty file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-# Extension -> language. The data-pipeline issue extends this; the default corpus is Python.
+# Extension -> language: the eight languages of the recipes first (GitHub linguist's extensions;
+# ``.h`` counts as C, as in The Stack), then others a folder may hold.
 LANGUAGE_BY_EXTENSION = {
-    ".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript",
-    ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".go": "go",
-    ".rs": "rust", ".rb": "ruby", ".php": "php", ".sh": "shell", ".cs": "csharp", ".kt": "kotlin",
+    ".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript",
+    ".jsx": "javascript", ".ts": "typescript", ".tsx": "typescript", ".mts": "typescript", ".cts": "typescript",
+    ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".c++": "cpp", ".hpp": "cpp",
+    ".hh": "cpp", ".hxx": "cpp", ".go": "go", ".rs": "rust", ".rb": "ruby", ".php": "php", ".sh": "shell", ".cs": "csharp", ".kt": "kotlin",
     ".swift": "swift", ".scala": "scala", ".lua": "lua", ".sql": "sql",
 }
 # Data and markup files are not code to learn from by default: a folder yields them only when
@@ -29,9 +40,12 @@ MARKUP_AND_DATA_BY_EXTENSION = {
 # Spellings used by The Stack / StarCoderData / CodeParrot `lang`/`language` columns -> our names.
 LANGUAGE_ALIASES = {
     "c++": "cpp", "c#": "csharp", "js": "javascript", "ts": "typescript", "bash": "shell", "sh": "shell",
-    "py": "python", "golang": "go", "yml": "yaml", "htm": "html", "md": "markdown", "jupyter notebook": "jupyter",
+    "py": "python", "golang": "go", "rs": "rust", "cplusplus": "cpp", "c/c++ header": "c", "yml": "yaml", "htm": "html", "md": "markdown", "jupyter notebook": "jupyter",
 }
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", "venv", "site-packages"}
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
+PARQUET_SUFFIX = ".parquet"
+MAX_FILE_BYTES = 10_000_000  # a safety cap, not a quality rule: the line filters judge content
 
 
 def stdlib_root() -> Path:
@@ -61,30 +75,131 @@ def language_of(path: str, include_markup: bool = False) -> str | None:
     return lang
 
 
+@dataclass(frozen=True)
+class FolderEntry:
+    """One file a folder walk found: its kind ('code', 'jsonl', 'parquet'), or why it is skipped."""
+
+    path: str
+    relpath: str
+    kind: str
+    language: str | None = None
+    skip: str | None = None
+
+
+def kind_of(name: str, languages: set[str] | None = None) -> tuple[str, str | None] | None:
+    """('code', language), ('jsonl', None), ('parquet', None), or None for a file the pipeline ignores."""
+    lower = name.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl", None
+    if lower.endswith(PARQUET_SUFFIX):
+        return "parquet", None
+    lang = language_of(name, include_markup=bool(languages))
+    if lang and (languages is None or lang in languages):
+        return "code", lang
+    return None
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def scan_folder(root: Path, languages: set[str] | None = None, follow_symlinks: bool = False,
+                kinds: tuple[str, ...] = ("code", "jsonl", "parquet")) -> Iterator[FolderEntry]:
+    """Every file of the given kinds under ``root`` (a folder or one file), in sorted order, each
+    with the reason it must be skipped if any. Iterative (no depth limit); symlinks that leave the
+    tree are reported, not followed, unless ``follow_symlinks``; folder symlinks are descended only
+    then (the tree's own folders are reached through their real paths), never twice."""
+    root = Path(root)
+    if not root.is_dir():
+        found = kind_of(root.name, languages)
+        if found and found[0] in kinds:
+            yield FolderEntry(str(root), root.name, *found)
+        return
+    real_root = os.path.realpath(root)
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable folder holds nothing we could read
+        subdirs = []
+        for e in entries:
+            rel = os.path.relpath(e.path, root).replace(os.sep, "/")
+            found = kind_of(e.name, languages)
+            if e.is_symlink():
+                try:
+                    st = os.stat(e.path)
+                except OSError as exc:
+                    if found and found[0] in kinds or exc.errno == errno.ELOOP:
+                        reason = "symlink_loop" if exc.errno == errno.ELOOP else "broken_symlink"
+                        yield FolderEntry(e.path, rel, found[0] if found else "folder", skip=reason)
+                    continue
+                outside = not _inside(os.path.realpath(e.path), real_root)
+                if stat.S_ISDIR(st.st_mode):
+                    if follow_symlinks and e.name not in SKIP_DIRS:
+                        if (st.st_dev, st.st_ino) in seen:  # a loop, or a folder reached twice
+                            yield FolderEntry(e.path, rel, "folder", skip="symlink_to_visited_folder")
+                        else:
+                            subdirs.append(e.path)
+                    elif outside:
+                        yield FolderEntry(e.path, rel, "folder", skip="symlink_outside_source")
+                    continue
+                if found and found[0] in kinds:
+                    skip = "symlink_outside_source" if outside and not follow_symlinks else None
+                    yield FolderEntry(e.path, rel, *found, skip=skip)
+                continue
+            if e.is_dir(follow_symlinks=False):
+                if e.name not in SKIP_DIRS:
+                    subdirs.append(e.path)
+            elif found and found[0] in kinds:
+                yield FolderEntry(e.path, rel, *found)
+        if follow_symlinks:
+            for d in subdirs:
+                st = os.stat(d)
+                seen.add((st.st_dev, st.st_ino))
+        stack.extend(reversed(subdirs))  # pop() then visits them in sorted order
+
+
 def iter_source_files(roots: list[Path], languages: set[str] | None = None) -> Iterator[SourceFile]:
-    """Every code file under the roots in a stable (sorted) order, filtered by language."""
+    """Every code file under the roots in a stable (sorted) order, filtered by language (files
+    the folder walk flags, such as symlinks leaving the tree, are left out)."""
     for root in roots:
-        root = Path(root)
-        if root.is_file():
-            lang = language_of(root.name, include_markup=bool(languages))
-            if lang and (languages is None or lang in languages):
-                yield SourceFile(root, root.name, lang)
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-            for name in sorted(filenames):
-                lang = language_of(name, include_markup=bool(languages))
-                if lang and (languages is None or lang in languages):
-                    path = Path(dirpath) / name
-                    yield SourceFile(path, path.relative_to(root).as_posix(), lang)
+        for entry in scan_folder(Path(root), languages, kinds=("code",)):
+            if entry.skip is None:
+                yield SourceFile(Path(entry.path), entry.relpath, entry.language)
 
 
-def read_text(path: Path) -> tuple[str | None, str | None]:
-    """(text, None) or (None, reason) with reason in unreadable / binary / non_utf8 / empty."""
+def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None]:
+    """(data, None) or (None, reason): reads regular files only (a FIFO named ``x.py`` is opened
+    non-blocking and never read, so it cannot hang the run) and none over ``max_bytes``."""
     try:
-        data = path.read_bytes()
-    except OSError:
-        return None, "unreadable"
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return None, "symlink_loop" if exc.errno == errno.ELOOP else "unreadable"
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not_regular_file"
+        if st.st_size > max_bytes:
+            return None, "too_large"
+        try:
+            return f.read(max_bytes + 1), None
+        except OSError:
+            return None, "unreadable"
+
+
+def read_text(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason) with reason in unreadable / not_regular_file / too_large /
+    binary / non_utf8 / empty."""
+    data, reason = read_bytes(path, max_bytes)
+    if data is None:
+        return None, reason
+    if len(data) > max_bytes:  # grew while being read
+        return None, "too_large"
     return decode_text(data)
 
 
