@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "codefoundry.post.cli",
     "codefoundry.export.cli",
     "codefoundry.speedrun",
+    "codefoundry.recipe_cli",
 ]
 
 

@@ -47,8 +47,10 @@ class ModelConfig:
     norm_placement: str = "pre"  # pre: x + f(norm(x)) | post: x + norm(f(x)) (sublayer output normalised)
     norm_learnable: bool = True  # False: RMSNorms have no gain parameters at all
     rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | linear | ntk | yarn
+    rope_scaling: str = "none"  # none | linear | ntk | yarn | llama3
     rope_factor: float = 1.0  # context extension factor for rope_scaling
+    rope_low_freq_factor: float = 1.0  # llama3 (Llama 3.1): wavelengths above original/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept; smooth in between
     rope_original_max_len: int = 0  # training context the scaling extends (0 -> max_seq_len)
     qk_norm: bool = False
     qk_norm_frozen: bool = False  # QK-norm gains kept at 1 and never trained (FP8-stable recipe)
@@ -86,7 +88,7 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         _check_choice("model.mlp", self.mlp, ("swiglu", "smooth_swiglu", "relu2", "gelu"))
         _check_choice("model.norm_placement", self.norm_placement, ("pre", "post"))
-        _check_choice("model.rope_scaling", self.rope_scaling, ("none", "linear", "ntk", "yarn"))
+        _check_choice("model.rope_scaling", self.rope_scaling, ("none", "linear", "ntk", "yarn", "llama3"))
         if self.ffn_dim == 0:
             if self.mlp in ("swiglu", "smooth_swiglu"):
                 self.ffn_dim = 64 * round(8 * self.dim / 3 / 64) or 64
@@ -124,6 +126,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 0
     minutes: float = 0.0
+    epochs: float = 0.0  # >0: passes over the training data (sizes max_steps; the epoch is kept in the loader state)
     optimizer: str = "adamw"  # adamw | muon
     lr: float = 3e-3
     embed_lr_ratio: float = 1.0  # embedding lr = lr * ratio
@@ -173,8 +176,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
-        if self.max_steps < 0 or self.minutes < 0:
-            raise ConfigError("train.max_steps and train.minutes must be >= 0")
+        if self.max_steps < 0 or self.minutes < 0 or self.epochs < 0:
+            raise ConfigError("train.max_steps, train.minutes and train.epochs must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"train.decay_fraction={self.decay_fraction} must be between 0 and 1")
         parse_curriculum(self.curriculum, self.seq_len)
@@ -201,10 +204,48 @@ def parse_curriculum(spec: str, seq_len: int) -> list[tuple[int, int]]:
 
 
 @dataclass
+class DataConfig:
+    """How a recipe's training data is made: where it comes from and what the data stage keeps.
+
+    ``codefoundry speedrun`` reads it to download, tokenize and prepare; ``stream=true`` trains
+    straight from ``sources`` (:mod:`codefoundry.data.stream`) with the same filters and FIM.
+    Near-duplicate removal needs the whole corpus, so only a prepare run (not a stream) applies ``dedup``.
+    """
+
+    sources: list[str] = field(default_factory=list)  # folders, files, fsspec URLs, hf:NAME or hub corpora
+    languages: list[str] = field(default_factory=list)  # [] = every language the readers recognise
+    vocab_size: int = 0  # tokenizer to train (BPE + FIM/chat/tool specials); 0 = the preset's vocabulary
+    fim_rate: float = 0.5
+    quality_threshold: float = 0.5
+    dedup: bool = True  # exact + MinHash near-duplicate removal
+    decontaminate: bool = True  # drop files containing HumanEval / MBPP text
+    val_fraction: float = 0.04
+    val_by: str = ""  # "", "language" or "source": one extra held-out shard per domain
+    max_gb: float = 0.0  # download at most this many GB of a hub corpus (0 = all of it)
+    stream: bool = False  # train from `sources` through data.stream_workers loader processes
+    stream_workers: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("sources", "languages"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # `data.languages=python,go` on the command line
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"data.{name}={value!r}: give a list of strings, e.g. [python, go]")
+            setattr(self, name, value)
+        if not 0 <= self.fim_rate <= 1 or not 0 <= self.quality_threshold <= 1 or not 0 <= self.val_fraction < 1:
+            raise ConfigError("data.fim_rate and data.quality_threshold must be in [0, 1], data.val_fraction in [0, 1)")
+        _check_choice("data.val_by", self.val_by, ("", "language", "source"))
+        if self.vocab_size < 0 or self.max_gb < 0 or self.stream_workers < 0:
+            raise ConfigError("data.vocab_size, data.max_gb and data.stream_workers must be >= 0")
+
+
+@dataclass
 class RunConfig:
     preset: str = "speedrun-cpu"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

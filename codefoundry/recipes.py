@@ -19,6 +19,7 @@ import yaml
 
 from codefoundry.config import (
     ConfigError,
+    DataConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
@@ -27,7 +28,7 @@ from codefoundry.config import (
 from codefoundry.presets import get_preset
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs"
-SECTIONS = ("preset", "model", "train")
+SECTIONS = ("extends", "preset", "model", "train", "data")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -71,13 +72,26 @@ def find_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe {recipe} not found; give a YAML path or one of: {', '.join(known) or '(none)'}")
 
 
-def read_recipe(recipe: str | Path) -> dict[str, Any]:
-    """The sections of a YAML recipe (unknown sections are an error)."""
+def read_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The sections of a YAML recipe (unknown sections are an error).
+
+    ``extends: NAME`` starts from another recipe (e.g. cf-1b extends cf-150m and changes only
+    the preset): its sections are merged key by key, this recipe's values winning.
+    """
     path = find_recipe(recipe)
     data = load_yaml(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a mapping with preset/model/train keys")
-    return data
+        raise ConfigError(f"recipe {path} must be a mapping with preset/model/train/data keys")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path} extends itself (through {parent})")
+    sibling = path.parent / f"{parent}.yaml"  # a recipe's own folder first, then configs/
+    merged = read_recipe(sibling if sibling.is_file() else parent, (*_seen, path.resolve()))
+    for key, value in data.items():
+        merged[key] = {**(merged.get(key) or {}), **value} if isinstance(value, dict) else value
+    return merged
 
 
 def build_run_config(preset: str | None = None, recipe: str | Path | None = None,
@@ -103,10 +117,12 @@ def build_run_config(preset: str | None = None, recipe: str | Path | None = None
         preset_name = preset_name or base.get("preset", "")
         model = update_dataclass(ModelConfig(), base["model"], "model.")
         train = update_dataclass(TrainConfig(), base["train"], "train.")
+        data = update_dataclass(DataConfig(), base.get("data") or {}, "data.")
     else:
         preset_name = preset_name or RunConfig.preset
-        model, train = get_preset(preset_name), TrainConfig()
+        model, train, data = get_preset(preset_name), TrainConfig(), DataConfig()
     for layer in layers:
         model = update_dataclass(model, layer.get("model") or {}, "model.")
         train = update_dataclass(train, layer.get("train") or {}, "train.")
-    return RunConfig(preset=preset_name, model=model, train=train)
+        data = update_dataclass(data, layer.get("data") or {}, "data.")
+    return RunConfig(preset=preset_name, model=model, train=train, data=data)
