@@ -27,6 +27,28 @@ def test_yarn_matches_hf_transformers():
     assert scale == pytest.approx(hf_scale)
 
 
+def test_llama3_matches_hf_transformers():
+    """Llama 3.1's rope scaling (factor 8, low 1, high 4, original 8192), on a head size whose frequencies
+    fall in all three bands."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = ModelConfig(dim=512, n_heads=4, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0,
+                      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+                      max_seq_len=131072)
+    hf = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, max_position_embeddings=131072,
+                                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192})
+    hf_inv, hf_scale = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    inv, scale = rope_frequencies(cfg)
+    plain, _ = rope_frequencies(dataclasses.replace(cfg, rope_scaling="none"))
+    torch.testing.assert_close(inv, hf_inv.float())
+    assert scale == hf_scale == 1.0
+    kept, divided = torch.isclose(inv, plain), torch.isclose(inv, plain / 8)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # all three bands exercised
+
+
 def periodic(gen: torch.Generator, batch: int, length: int) -> torch.Tensor:
     """A random block of PERIOD tokens repeated: after the first block every token is a copy."""
     block = torch.randint(1, VOCAB, (batch, PERIOD), generator=gen)

@@ -8,7 +8,7 @@ import pytest
 
 from codefoundry.post.sft_data import to_messages
 from codefoundry.tokenizer import special as sp
-from codefoundry.tokenizer.chat import ChatFormatError, parse_tool_call, render_chat, split_assistant
+from codefoundry.tokenizer.chat import ChatFormatError, parse_tool_call, render_chat
 from helpers_post import tiny_tokenizer
 
 CONVERSATION = [
@@ -75,13 +75,8 @@ def test_generation_prompts(tok):
     assert full[:len(after_tool.ids)] == after_tool.ids
 
 
-def test_split_assistant_and_parse_tool_call(tok):
-    s = tok.special_ids
-    ids = tok.encode("Let me look.") + [s[sp.TOOL_CALL_START]] + tok.encode('{"name": "read_file", '
-                                                                           '"arguments": {"path": "x"}}')
-    text, call = split_assistant(tok, ids + [s[sp.TOOL_CALL_END]])
-    assert text == "Let me look." and parse_tool_call(call) == ("read_file", {"path": "x"})
-    assert split_assistant(tok, tok.encode("done") + [s[sp.ASSISTANT_END]]) == ("done", None)
+def test_parse_tool_call(tok):
+    assert parse_tool_call('{"name": "read_file", "arguments": {"path": "x"}}') == ("read_file", {"path": "x"})
     for bad in ["not json", "[1]", '{"name": "x", "arguments": [1]}']:
         with pytest.raises(ValueError):
             parse_tool_call(bad)

@@ -1,6 +1,6 @@
-"""Rotary position embeddings with linear, NTK-aware and YaRN context extension.
+"""Rotary position embeddings with linear, NTK-aware, YaRN and Llama 3.1 ("llama3") context extension.
 
-All three scalings only change the inverse frequencies (and, for YaRN, a logit
+All four scalings only change the inverse frequencies (and, for YaRN, a logit
 temperature), so they are computed once into cos/sin tables.
 """
 
@@ -55,6 +55,15 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
         mscale = 0.1 * math.log(factor) + 1.0
+    elif cfg.rope_scaling == "llama3" and factor > 1:
+        # Llama 3.1: wavelengths longer than original/low_freq_factor are interpolated (/ factor), those
+        # shorter than original/high_freq_factor kept, and the band between blends the two linearly in
+        # original/wavelength. transformers' "llama3" rope_type, step for step.
+        original = cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((original / wavelen - cfg.rope_low_freq_factor)
+                  / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     return inv_freq.float(), mscale
 
 

@@ -22,44 +22,79 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from codefoundry.errors import UserError
 from codefoundry.tokenizer import special as sp
+from codefoundry.tokenizer.roles import RoleIds, TokenizerConfig, find_roles, read_config, write_config
 
 
 class CodeTokenizer:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    """A HF tokenizer plus the roles of its special tokens and its sidecar config (template, FIM order).
+
+    ``special_ids`` maps each role (named by our canonical token, see :mod:`~codefoundry.tokenizer.roles`)
+    to the id of the token that plays it in *this* tokenizer; a role it lacks raises a one-line
+    UserError when a command needs it, so a tokenizer without FIM tokens still prepares data
+    without FIM and still chats.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, config: TokenizerConfig | None = None) -> None:
         self.tk = tokenizer
         self.tk.encode_special_tokens = True  # raw text never yields special ids
-        missing = [t for t in sp.SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:
-            raise UserError(f"tokenizer lacks special tokens {missing}; retrain it with `codefoundry tokenizer train`")
-        ids = {t: tokenizer.token_to_id(t) for t in sp.SPECIAL_TOKENS}
-        self.special_ids = ids
-        self.eot_id = ids[sp.EOT]
-        self.bos_id = self.eot_id
-        self.fim_prefix_id, self.fim_middle_id = ids[sp.FIM_PREFIX], ids[sp.FIM_MIDDLE]
-        self.fim_suffix_id, self.fim_pad_id = ids[sp.FIM_SUFFIX], ids[sp.FIM_PAD]
+        self.config = config or TokenizerConfig()
+        self.special_ids = RoleIds(find_roles(tokenizer.token_to_id, self.config.chat_template is not None))
+        self.eot_id = self.special_ids[sp.EOT]
+        self.bos_id = self.eot_id  # documents (and our chat template) open with the separator
         self._fast: Any = None  # fastokens.Tokenizer once built; False when unavailable
+        self._parsing: Tokenizer | None = None  # a copy that parses special-token text (chat templates)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CodeTokenizer":
+        """The tokenizer JSON (or a directory's tokenizer.json) with its sidecar config if there is one."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"tokenizer {path} not found; train one with `codefoundry tokenizer train`")
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tk = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise UserError(f"tokenizer {path} is not a valid tokenizers JSON file ({exc})") from None
+        return cls(tk, read_config(path))
+
+    @property
+    def fim_prefix_id(self) -> int:
+        return self.special_ids[sp.FIM_PREFIX]
+
+    @property
+    def fim_middle_id(self) -> int:
+        return self.special_ids[sp.FIM_MIDDLE]
+
+    @property
+    def fim_suffix_id(self) -> int:
+        return self.special_ids[sp.FIM_SUFFIX]
+
+    @property
+    def fim_pad_id(self) -> int:
+        return self.special_ids[sp.FIM_PAD]
+
+    @property
+    def chat_stop_ids(self) -> set[int]:
+        """Tokens that end an assistant reply: the end-of-turn token, the separator and the config's EOS."""
+        stops = {self.eot_id}
+        if sp.ASSISTANT_END in self.special_ids:
+            stops.add(self.special_ids[sp.ASSISTANT_END])
+        eos = self.tk.token_to_id(self.config.eos_token) if self.config.eos_token else None
+        return stops | ({eos} if eos is not None else set())
+
+    def role_tokens(self) -> dict[str, str]:
+        """Role -> the token string playing it (the mapping reported by import and kept in the sidecar)."""
+        return {role: self.tk.id_to_token(i) for role, i in self.special_ids.items()}
 
     def save(self, path: str | Path) -> None:
+        """The tokenizer JSON, and beside it the sidecar config when it is not the default."""
         self.tk.save(str(path))
+        write_config(path, self.config, self.role_tokens())
 
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
-
-    def token_id(self, token: str) -> int:
-        return self.special_ids[token]
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
@@ -85,10 +120,25 @@ class CodeTokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
+    def encode_with_specials(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets) of text whose special-token strings *are* those tokens: a rendered chat
+        template, encoded the way transformers' apply_chat_template encodes it."""
+        if self._parsing is None:
+            self._parsing = Tokenizer.from_str(self.tk.to_str())
+            self._parsing.encode_special_tokens = False
+        enc = self._parsing.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
-        """PSM-ordered infilling prompt; the model continues with the middle."""
-        return ([self.fim_prefix_id] + self.encode(prefix) + [self.fim_suffix_id] + self.encode(suffix)
-                + [self.fim_middle_id])
+        """Infilling prompt in the tokenizer's FIM order; the model continues with the middle.
+
+        PSM: ``<pre> prefix <suf> suffix <mid>``. SPM (as StarCoder and our data pipeline write it):
+        ``<pre> <suf> suffix <mid> prefix``.
+        """
+        pre, suf, mid = self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id
+        if self.config.fim_order == "spm":
+            return [pre, suf] + self.encode(suffix) + [mid] + self.encode(prefix)
+        return [pre] + self.encode(prefix) + [suf] + self.encode(suffix) + [mid]
 
 
 # Covers what pre-tokenizers disagree on: CRLF, tabs, runs of spaces, digits, contractions,

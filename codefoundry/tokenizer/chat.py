@@ -96,13 +96,23 @@ def parse_tool_call(text: str) -> tuple[str, dict[str, Any]]:
     return obj["name"], args
 
 
-def render_chat(tok: CodeTokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> Rendered:
-    """Ids and loss mask of a conversation.
+def render_chat(tok: CodeTokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                tools: list[dict[str, Any]] | None = None) -> Rendered:
+    """Ids and loss mask of a conversation, in the model's own chat template when its tokenizer has one
+    (:mod:`codefoundry.tokenizer.templates`; ``tools`` are the schemas such a template may list), else ours.
 
-    With ``add_generation_prompt`` the result ends where the model should continue: after
+    With ``add_generation_prompt`` the result ends where the model should continue: in our template after
     ``<|assistant_start|>`` when the last message is the user's (or system's), or inside the
     open assistant turn when the last message is a tool output.
     """
+    if tok.config.chat_template is not None:
+        from codefoundry.tokenizer.templates import render_ids
+
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ChatFormatError("messages must be a list of objects")
+        out = Rendered()
+        out.ids, out.mask = render_ids(tok, messages, add_generation_prompt, tools)
+        return out
     s = tok.special_ids
     out = Rendered()
     out.add([tok.bos_id], False)
@@ -144,19 +154,3 @@ def render_chat(tok: CodeTokenizer, messages: list[dict[str, Any]], add_generati
     elif in_turn:
         out.add([s[sp.ASSISTANT_END]], True)
     return out
-
-
-def split_assistant(tok: CodeTokenizer, ids: list[int]) -> tuple[str, str | None]:
-    """Split generated assistant ids into (text, tool-call JSON or None).
-
-    Generation stops at ``<|tool_call_end|>`` or ``<|assistant_end|>``; the text is what came
-    before ``<|tool_call_start|>`` and the call is what came after it.
-    """
-    s = tok.special_ids
-    ends = {s[sp.ASSISTANT_END], s[sp.TOOL_CALL_END], tok.eot_id}
-    ids = [t for t in ids if t not in ends]
-    start = s[sp.TOOL_CALL_START]
-    if start in ids:
-        cut = ids.index(start)
-        return tok.decode(ids[:cut]), tok.decode(ids[cut + 1:])
-    return tok.decode(ids), None

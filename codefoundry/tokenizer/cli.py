@@ -47,6 +47,16 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_import(args: argparse.Namespace) -> int:
+    from codefoundry.tokenizer.pretrained import import_tokenizer
+
+    adopted = import_tokenizer(args.source, args.out, append=not args.no_append, fim_order=args.fim_order)
+    for line in adopted.report():
+        print(f"tokenizer: {line}")
+    print(f"tokenizer: vocab {adopted.tokenizer.vocab_size}, {len(adopted.appended)} role token(s) appended -> {args.out}")
+    return 0
+
+
 def report_gain(tok: CodeTokenizer, plain: CodeTokenizer, sources: list[Path], val_fraction: float,
                 max_bytes: int = 2_000_000) -> None:
     """Print chars/token of SuperBPE vs plain BPE of the same vocab on held-out files: the point of SuperBPE."""
@@ -60,7 +70,7 @@ def report_gain(tok: CodeTokenizer, plain: CodeTokenizer, sources: list[Path], v
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer, or adopt a pretrained one")
     sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train on folders of code (default: the Python standard library)")
     t.add_argument("--source", action="append", default=[], help="folder or file of code (repeatable)")
@@ -72,3 +82,13 @@ def register(subparsers) -> None:
                         "--vocab-size; reports chars/token against plain BPE (default 0: plain BPE)")
     t.add_argument("--out", default="tokenizer.json", help="output tokenizer.json path")
     t.set_defaults(func=run_train)
+    i = sub.add_parser("import", help="adopt a pretrained HF tokenizer: its own special tokens for our roles "
+                                      "(EOS, FIM, chat), ours appended for missing ones")
+    i.add_argument("source", help="transformers directory, tokenizer.json (tokenizer_config.json beside it is "
+                                  "read for the chat template), or hf:NAME")
+    i.add_argument("--out", default="tokenizer.json", help="output tokenizer.json (tokenizer_config.json beside it)")
+    i.add_argument("--no-append", action="store_true",
+                   help="append nothing: commands needing a missing role (e.g. FIM) then refuse")
+    i.add_argument("--fim-order", choices=["psm", "spm"], default=None,
+                   help="order of the model's FIM prompts (default: psm, or what the source config says)")
+    i.set_defaults(func=run_import)
