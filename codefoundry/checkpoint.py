@@ -5,6 +5,7 @@ A checkpoint is a directory::
     model.safetensors   weights (tied weights stored once)
     config.json         {"format": ..., "preset": ..., "model": ModelConfig}
     tokenizer.json      HF tokenizers JSON
+    tokenizer_config.json  its chat template / BOS / EOS / FIM order (imported tokenizers only)
     train_state.pt      optimizer, step, data position, RNG, run config (resumable runs only)
 
 It is written to a temporary sibling directory and renamed into place, so a crash mid-save
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
@@ -32,6 +33,7 @@ from codefoundry.config import ModelConfig, model_config_from_dict
 from codefoundry.errors import UserError
 from codefoundry.model import Transformer
 from codefoundry.tokenizer import CodeTokenizer
+from codefoundry.tokenizer.roles import copy_tokenizer
 
 FORMAT = "codefoundry-checkpoint-v1"
 
@@ -55,7 +57,7 @@ def write_checkpoint_files(path: Path, model: torch.nn.Module, tokenizer_json: s
     st_save_model(unwrap(model), str(path / "model.safetensors"))
     config = {"format": FORMAT, "preset": preset, "model": dataclasses.asdict(unwrap(model).cfg)}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copyfile(tokenizer_json, path / "tokenizer.json")
+    copy_tokenizer(tokenizer_json, path)  # tokenizer.json, and tokenizer_config.json (chat template) if any
     if train_state is not None:
         torch.save(train_state, path / "train_state.pt")
 
@@ -104,6 +106,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"checkpoint {path} has no model.safetensors; it is incomplete")
+    _check_shapes(path, cfg, model, weights)
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
@@ -113,6 +116,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
                         f"unexpected {list(unexpected)[:3]})")
     tokenizer = CodeTokenizer.from_file(path / "tokenizer.json")
     return model.to(device).eval(), tokenizer
+
+
+def _check_shapes(path: Path, cfg: ModelConfig, model: Transformer, weights: Path) -> None:
+    """Name the first tensor whose stored shape differs from what config.json builds (an edited
+    config, or weights from another model), instead of calling the file corrupt."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return  # unreadable: load_model reports it as corrupt
+    for name, tensor in model.state_dict().items():
+        if name in stored and stored[name] != list(tensor.shape):
+            raise UserError(f"checkpoint {path}: config.json (dim={cfg.dim}, n_layers={cfg.n_layers}, "
+                            f"vocab_size={cfg.vocab_size}) needs {name} of shape {list(tensor.shape)} but "
+                            f"model.safetensors holds {stored[name]}; restore the config.json saved with these weights")
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

@@ -18,30 +18,57 @@ from codefoundry.tokenizer import special as sp
 transformers = pytest.importorskip("transformers")
 
 
-def random_hf_llama(out, vocab_size: int, **overrides):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-               initializer_range=0.08, tie_word_embeddings=False, rope_parameters={"rope_type": "default",
-                                                                                  "rope_theta": 500000.0})
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **overrides})).eval()
+def randomize_(model) -> None:
+    """Norm gains and biases away from their init, so a mapping mistake shows in the logits."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+
+
+BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.08,
+            tie_word_embeddings=False)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+ARCHS = {  # name -> (transformers classes, config overrides, what our config must say)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+              {"rope_theta": 5e5}),
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE},
+                 {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max_len": 32}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None, "head_dim": 16}, {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}, {"qkv_bias": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}, {"qk_norm": True, "head_dim": 32}),
+}
+
+
+def random_hf(out, vocab_size: int, arch: str = "llama", **overrides):
+    config_cls, model_cls, arch_overrides, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(**{**BASE, "vocab_size": vocab_size, **arch_overrides, **overrides})
+    model = getattr(transformers, model_cls)(cfg).eval()
+    randomize_(model)
     model.save_pretrained(out)
     return model
 
 
-def test_random_tiny_llama_imports_with_identical_logits(tiny_tokenizer, tmp_path):
+def random_hf_llama(out, vocab_size: int, **overrides):
+    return random_hf(out, vocab_size, "llama", **overrides)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_random_tiny_models_import_with_identical_logits(tiny_tokenizer, tmp_path, arch):
     tok, tok_path = tiny_tokenizer
-    hf = random_hf_llama(tmp_path / "hf", tok.vocab_size)
+    hf = random_hf(tmp_path / "hf", tok.vocab_size, arch)
     shutil.copy(tok_path, tmp_path / "hf" / "tokenizer.json")
     assert main(["import", "--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     model, loaded_tok = load_model(tmp_path / "ckpt")
-    assert model.cfg.rope_theta == 500000.0 and not model.cfg.tie_embeddings
+    for key, value in ARCHS[arch][3].items():
+        assert getattr(model.cfg, key) == value, key
     assert loaded_tok.encode("def f(): pass") == tok.encode("def f(): pass")
-    ids = code_ids(tok)
+    ids = code_ids(tok, 200)  # longer than llama3's original 32 positions: all three frequency bands matter
     with torch.no_grad():
         assert_logits_close(hf(ids).logits, model(ids), tol=1e-5)
 
@@ -80,17 +107,19 @@ def test_tokenizer_without_our_special_tokens_gets_them_appended(tmp_path):
 
 def test_checkpoints_we_cannot_reproduce_exactly_are_refused(tiny_tokenizer, tmp_path):
     tok, tok_path = tiny_tokenizer
-    llama3_rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    random_hf_llama(tmp_path / "hf", tok.vocab_size, rope_parameters=llama3_rope)
+    random_hf(tmp_path / "hf", tok.vocab_size, "mistral", sliding_window=16)
     shutil.copy(tok_path, tmp_path / "hf" / "tokenizer.json")
-    with pytest.raises(UserError, match="rope_type='llama3'"):
+    with pytest.raises(UserError, match="sliding-window attention \\(window 16\\)"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    yarn = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama", "rope_parameters": yarn}))
+    with pytest.raises(UserError, match="rope_type='dynamic'"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(UserError, match="cannot import model_type 'gpt2'"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "default"}}))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "sliding_window": None}))
     (tmp_path / "hf" / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="no tokenizer.json"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")

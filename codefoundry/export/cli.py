@@ -29,10 +29,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from codefoundry.export.hf_import import import_hf
+    if args.source_format == "gguf":
+        from codefoundry.export.gguf_import import import_gguf as run
+    else:
+        from codefoundry.export.hf_import import import_hf as run
 
-    result = import_hf(args.dir, args.out)
-    added = f"; added special tokens {result['added_tokens']}" if result["added_tokens"] else ""
+    result = run(args.dir, args.out, append=not args.no_append)
+    for line in result["roles"]:
+        print(f"import: {line}")
+    added = f"; appended role tokens {result['added_tokens']}" if result["added_tokens"] else ""
     print(f"import: {result['model_type']} (vocab {result['vocab_size']}{added}) -> {result['out']}")
     return 0
 
@@ -46,8 +51,12 @@ def register(subparsers) -> None:
                    help="hf: fp32 (default), bf16, fp16; gguf: f16 (default), bf16, f32, q8_0")
     p.set_defaults(func=run_export)
 
-    i = subparsers.add_parser("import", help="import a Llama-family transformers checkpoint as ours")
-    i.add_argument("--from", dest="source_format", default="hf", choices=["hf"], help="source format")
-    i.add_argument("dir", help="transformers model directory (config.json, weights, tokenizer.json)")
+    i = subparsers.add_parser("import", help="import a Llama-family transformers checkpoint or GGUF file as ours")
+    i.add_argument("--from", dest="source_format", default="hf", choices=["hf", "gguf"],
+                   help="hf: llama (incl. llama3 RoPE), mistral, qwen2, qwen3; gguf: llama, qwen2, qwen3 (any "
+                        "quantization the gguf package dequantizes)")
+    i.add_argument("dir", help="transformers model directory (config.json, weights, tokenizer.json), or a .gguf file")
+    i.add_argument("--no-append", action="store_true",
+                   help="append no role tokens the model lacks (commands needing them, e.g. FIM, then refuse)")
     i.add_argument("--out", required=True, help="checkpoint directory to write")
     i.set_defaults(func=run_import)

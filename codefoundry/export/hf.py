@@ -5,6 +5,7 @@ Our features map onto native transformers architectures:
 ================================================  ===================================
 pre-norm, SwiGLU                                  ``LlamaForCausalLM``
 pre-norm, SwiGLU, QK-norm (per head, before RoPE)  ``Qwen3ForCausalLM``
+pre-norm, SwiGLU, biases on q/k/v only            ``Qwen2ForCausalLM``
 pre-norm, ReLU² or GELU (not gated)               ``ArceeForCausalLM``
 post-norm (``x + norm(f(x))``), QK-norm, SwiGLU   ``Exaone4ForCausalLM``
 mixture of experts (DeepSeek-V3 routing: sigmoid   ``Glm4MoeForCausalLM``
@@ -19,7 +20,12 @@ are dropped with a note (transformers runs the trunk only). Our RoPE already pai
 scaling: linear -> ``linear``; static NTK -> plain RoPE with the enlarged base; YaRN ->
 ``longrope`` carrying our exact per-dimension factors and attention factor: the same tables as
 HF's ``yarn`` with its defaults, but pinned, so no later change of ``yarn`` options
-(``truncate``, ``mscale_all_dim``) in transformers can make the export silently different.
+(``truncate``, ``mscale_all_dim``) in transformers can make the export silently different;
+Llama 3.1's ``llama3`` -> ``llama3`` (what its runtimes know it as).
+
+Tokenizer: its special tokens and chat template are the checkpoint's own — ours for models
+trained here, the original model's for imported ones (tokenizer_config.json in the
+checkpoint) — so ``apply_chat_template`` renders what ``codefoundry chat`` renders.
 
 Anything without a native equivalent (logit soft-capping, attention sinks, differential
 attention, ...) is refused in one line, never exported as a silently wrong model, and the
@@ -51,7 +57,7 @@ from codefoundry.tokenizer import special as sp
 MAPPED_FIELDS = {
     "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "mlp", "max_seq_len",
     "norm_eps", "norm_placement", "norm_learnable", "rope_theta", "rope_scaling", "rope_factor",
-    "rope_original_max_len", "qk_norm", "qk_norm_frozen", "attn_sinks", "diff_attn", "doc_mask", "doc_sep_id",
+    "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor", "qk_norm", "qkv_bias", "qk_norm_frozen", "attn_sinks", "diff_attn", "doc_mask", "doc_sep_id",
     "tie_embeddings", "bias", "logit_softcap", "n_experts", "moe_shared_experts", "moe_top_k", "moe_groups",
     "moe_group_top_k", "mtp_heads",
 }
@@ -63,6 +69,7 @@ GATED = {"swiglu": "silu", "smooth_swiglu": "silu"}
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", GATED),
     "qwen3": ("Qwen3ForCausalLM", GATED),
+    "qwen2": ("Qwen2ForCausalLM", GATED),
     "arcee": ("ArceeForCausalLM", {"relu2": "relu2", "gelu": "gelu"}),
     "exaone4": ("Exaone4ForCausalLM", GATED),
     "glm4_moe": ("Glm4MoeForCausalLM", GATED),
@@ -101,6 +108,8 @@ def plan_export(cfg: ModelConfig) -> ExportPlan:
         problems.append("post-norm with MoE")
     if cfg.bias and (cfg.qk_norm or post or moe):
         problems.append("model.bias with QK-norm, post-norm or MoE (those families have unbiased MLPs)")
+    if cfg.qkv_bias and not cfg.bias and (cfg.qk_norm or post or moe or not gated):
+        problems.append("model.qkv_bias with QK-norm, post-norm, MoE or an ungated MLP (Qwen2 is none of those)")
     if moe and cfg.moe_groups > 1 and cfg.n_experts // cfg.moe_groups < 2:
         problems.append("MoE groups of one expert (GLM-4-MoE scores groups by their two best experts)")
     if problems:
@@ -118,6 +127,8 @@ def plan_export(cfg: ModelConfig) -> ExportPlan:
         return ExportPlan("exaone4", notes)
     if cfg.qk_norm:
         return ExportPlan("qwen3", notes)
+    if cfg.qkv_bias and not cfg.bias:
+        return ExportPlan("qwen2", notes)
     return ExportPlan("llama" if gated else "arcee", notes)
 
 
@@ -209,6 +220,10 @@ def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
         return {"rope_type": "default", "rope_theta": ntk_theta(cfg)}
     if cfg.rope_scaling == "linear":
         return {"rope_type": "linear", "factor": cfg.rope_factor, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        return {"rope_type": "llama3", "factor": cfg.rope_factor, "rope_theta": cfg.rope_theta,
+                "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                "original_max_position_embeddings": cfg.rope_original_max_len}
     inv_freq, mscale = rope_frequencies(cfg)
     factors = (default_inv_freq(cfg) / inv_freq.double()).tolist()
     # Same factors for short and long contexts: the tables never switch with sequence length.
@@ -229,12 +244,15 @@ def hf_config(cfg: ModelConfig, tokenizer: CodeTokenizer, dtype: str = "fp32"):
         intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act=activations[cfg.mlp],
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters=rope, attention_bias=cfg.bias, bos_token_id=tokenizer.bos_id,
-        eos_token_id=[tokenizer.eot_id, tokenizer.special_ids[sp.ASSISTANT_END]],
-        pad_token_id=tokenizer.special_ids[sp.FIM_PAD], dtype=str(DTYPES[dtype]).removeprefix("torch."),
+        rope_parameters=rope, attention_bias=cfg.bias, bos_token_id=_token_id(tokenizer, tokenizer.config.bos_token),
+        eos_token_id=sorted(tokenizer.chat_stop_ids), pad_token_id=pad_id(tokenizer),
+        dtype=str(DTYPES[dtype]).removeprefix("torch."),
     )
     if model_type in ("llama", "arcee"):
         kwargs["mlp_bias"] = cfg.bias
+    if model_type == "qwen2":
+        kwargs.pop("attention_bias")  # Qwen2's q/k/v always carry biases
+        kwargs.update(use_sliding_window=False, sliding_window=None)
     if model_type == "exaone4":
         kwargs.update(sliding_window=None, layer_types=["full_attention"] * cfg.n_layers)
     if model_type == "glm4_moe":
@@ -265,15 +283,34 @@ def build_hf_model(model: Transformer, tokenizer: CodeTokenizer, dtype: str = "f
     return hf_model.to(DTYPES[dtype]).eval()
 
 
-def hf_tokenizer(tokenizer_json: str | Path, max_len: int):
-    """Our tokenizer as a ``PreTrainedTokenizerFast`` with special tokens and the chat template."""
+def _token_id(tokenizer: CodeTokenizer, token: str | None) -> int:
+    """The id of a config token string, the separator when there is none."""
+    i = tokenizer.tk.token_to_id(token) if token else None
+    return tokenizer.eot_id if i is None else i
+
+
+def pad_id(tokenizer: CodeTokenizer) -> int:
+    """Padding: the FIM pad token where there is one (never predicted in ordinary text), else the separator."""
+    return tokenizer.special_ids[sp.FIM_PAD] if sp.FIM_PAD in tokenizer.special_ids else tokenizer.eot_id
+
+
+def chat_template(tokenizer: CodeTokenizer) -> str:
+    """The template ``codefoundry chat`` renders with: the model's own, or ours."""
+    return tokenizer.config.chat_template or CHAT_TEMPLATE
+
+
+def hf_tokenizer(tokenizer: CodeTokenizer, tokenizer_json: str | Path, max_len: int):
+    """The checkpoint's tokenizer as a ``PreTrainedTokenizerFast`` with its special tokens and chat template."""
     from transformers import PreTrainedTokenizerFast
 
+    cfg = tokenizer.config
+    eot = tokenizer.tk.id_to_token(tokenizer.eot_id)
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_json), bos_token=sp.EOT, eos_token=sp.EOT, pad_token=sp.FIM_PAD,
-        model_max_length=max_len, clean_up_tokenization_spaces=False,
+        tokenizer_file=str(tokenizer_json), bos_token=cfg.bos_token or eot, eos_token=cfg.eos_token or eot,
+        pad_token=tokenizer.tk.id_to_token(pad_id(tokenizer)), model_max_length=max_len,
+        clean_up_tokenization_spaces=False,
     )
-    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.chat_template = chat_template(tokenizer)
     return hf_tok
 
 
@@ -290,7 +327,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> E
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)
-    hf_tokenizer(Path(checkpoint) / "tokenizer.json", model.cfg.max_seq_len).save_pretrained(out)
+    hf_tokenizer(tokenizer, Path(checkpoint) / "tokenizer.json", model.cfg.max_seq_len).save_pretrained(out)
     (out / "codefoundry.json").write_text(json.dumps(
         {"source_checkpoint": str(Path(checkpoint).resolve()), "model": dataclasses.asdict(model.cfg),
          "notes": plan.notes}, indent=2) + "\n")

@@ -1,16 +1,24 @@
 """Import a Llama-family transformers checkpoint into our checkpoint format (the HF export, inverted).
 
-Supported: ``llama``, ``qwen3`` and ``arcee`` — exactly the architectures the export writes —
-with default or linear RoPE. Anything our model cannot reproduce exactly (other RoPE types
-such as Llama 3.1's ``llama3``, sliding windows, biases on only some projections) is refused
+Supported, each only where our model reproduces it exactly (a test compares logits with
+transformers for each):
+
+* ``llama`` — default, linear or Llama 3.1 ``llama3`` RoPE scaling; biases on all projections or none;
+* ``mistral`` — without a sliding window (``sliding_window: null``; a window changes attention);
+* ``qwen2`` — q/k/v biases (``model.qkv_bias``), no sliding window (Qwen2.5 / Qwen2.5-Coder);
+* ``qwen3`` — per-head RMSNorm on q and k before RoPE (our ``model.qk_norm``);
+* ``arcee`` — ReLU² / GELU MLPs (what our export writes for those).
+
+Anything else (other RoPE types, sliding windows, biases on only some projections) is refused
 in one line, never imported approximately.
 
-Tokenizer: the HF directory's ``tokenizer.json`` is used as is. Our pipeline needs its
-special tokens (EOT separates documents; FIM, chat and tool tokens), so any that are missing
-are **appended** as new special tokens and the embedding (and untied head) grows by one row
-each, initialised to the mean of the existing rows: the imported model's predictions on the
-original vocabulary are unchanged, and continued pretraining or SFT then learns the new
-tokens. A model without ``tokenizer.json`` (slow tokenizer only) is refused.
+Tokenizer: the directory's ``tokenizer.json`` and ``tokenizer_config.json`` are adopted as
+``codefoundry tokenizer import`` adopts them: the model's own tokens play our roles (EOS,
+FIM, its chat template's end of turn, tool calls), and only roles it has no token for are
+appended. Each appended token gets an embedding (and untied head) row initialised to the mean
+of the trained ones, so the imported model's predictions on its own vocabulary are unchanged.
+The chat template travels with the checkpoint (its ``tokenizer_config.json``), so ``chat``,
+``serve`` and SFT render conversations the way the model was tuned on.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,10 +34,11 @@ from codefoundry.config import ModelConfig
 from codefoundry.errors import UserError
 from codefoundry.export.hf import ARCHITECTURES, hf_name
 from codefoundry.model import Transformer
-from codefoundry.tokenizer import special as sp
+from codefoundry.tokenizer.pretrained import Adopted, adopt, read_hf_tokenizer
 
-IMPORTABLE = ("llama", "qwen3", "arcee")
+IMPORTABLE = ("llama", "mistral", "qwen2", "qwen3", "arcee")
 ACTIVATION_TO_MLP = {"silu": "swiglu", "relu2": "relu2", "gelu": "gelu"}
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def model_config_from_hf(hf_cfg) -> ModelConfig:
@@ -37,46 +47,58 @@ def model_config_from_hf(hf_cfg) -> ModelConfig:
     if model_type not in IMPORTABLE:
         raise UserError(f"cannot import model_type {model_type!r}: supported are {', '.join(IMPORTABLE)}")
     problems = []
-    accepted = set(ARCHITECTURES[model_type][1].values())
-    mlp = ACTIVATION_TO_MLP.get(hf_cfg.hidden_act)
+    accepted = set(ARCHITECTURES["arcee" if model_type == "arcee" else "llama"][1].values())
     if hf_cfg.hidden_act not in accepted:
-        problems.append(f"hidden_act={hf_cfg.hidden_act!r} (our {model_type} mapping takes "
+        problems.append(f"hidden_act={hf_cfg.hidden_act!r} (the {model_type} mapping takes "
                         f"{', '.join(sorted(accepted))})")
     rope = dict(hf_cfg.rope_parameters or {})
     rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "linear"):
-        problems.append(f"rope_type={rope_type!r} has no exact equivalent here (default and linear import)")
-    attention_bias = bool(getattr(hf_cfg, "attention_bias", False))
-    mlp_bias = bool(getattr(hf_cfg, "mlp_bias", False))
-    if attention_bias != mlp_bias:
-        problems.append(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} (our model.bias covers both)")
-    if getattr(hf_cfg, "use_sliding_window", False):
-        problems.append("sliding-window attention is not implemented here")
+    if rope_type not in ROPE_TYPES:
+        problems.append(f"rope_type={rope_type!r} has no exact equivalent here ({', '.join(ROPE_TYPES)} import)")
+    bias, qkv_bias = _biases(hf_cfg, problems)
+    if getattr(hf_cfg, "use_sliding_window", False) or (model_type == "mistral" and hf_cfg.sliding_window):
+        problems.append(f"sliding-window attention (window {hf_cfg.sliding_window}) is not implemented here")
     if problems:
         raise UserError(f"cannot import this {model_type} checkpoint exactly: " + "; ".join(problems))
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    max_len = hf_cfg.max_position_embeddings
     return ModelConfig(
         vocab_size=hf_cfg.vocab_size, dim=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers,
         n_heads=hf_cfg.num_attention_heads, n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
-        head_dim=head_dim, ffn_dim=hf_cfg.intermediate_size, mlp=mlp, max_seq_len=hf_cfg.max_position_embeddings,
-        norm_eps=hf_cfg.rms_norm_eps, rope_theta=float(rope.get("rope_theta", 10000.0)),
-        rope_scaling="none" if rope_type == "default" else "linear", rope_factor=float(rope.get("factor", 1.0)),
-        qk_norm=model_type == "qwen3", tie_embeddings=bool(hf_cfg.tie_word_embeddings), bias=attention_bias,
+        head_dim=head_dim, ffn_dim=hf_cfg.intermediate_size, mlp=ACTIVATION_TO_MLP[hf_cfg.hidden_act],
+        max_seq_len=max_len, norm_eps=hf_cfg.rms_norm_eps, rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_scaling="none" if rope_type == "default" else rope_type, rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_len=int(rope.get("original_max_position_embeddings") or max_len),
+        qk_norm=model_type == "qwen3", tie_embeddings=bool(hf_cfg.tie_word_embeddings), bias=bias, qkv_bias=qkv_bias,
     )
 
 
-def tokenizer_with_specials(hf_dir: Path):
-    """The directory's tokenizer with our special tokens added; returns (tokenizer, tokens added)."""
-    from tokenizers import AddedToken, Tokenizer
+def _biases(hf_cfg, problems: list[str]) -> tuple[bool, bool]:
+    """(model.bias, model.qkv_bias) for a config; problems appended when neither reproduces it."""
+    if hf_cfg.model_type == "qwen2":  # q/k/v always carry biases, o_proj and the MLP never
+        return False, True
+    attention_bias = bool(getattr(hf_cfg, "attention_bias", False))
+    mlp_bias = bool(getattr(hf_cfg, "mlp_bias", attention_bias if hf_cfg.model_type == "arcee" else False))
+    if attention_bias != mlp_bias:
+        problems.append(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} (our model.bias covers both)")
+    return attention_bias, False
 
-    path = hf_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{hf_dir} has no tokenizer.json; save the tokenizer with transformers "
-                        "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR)) and import again")
-    tk = Tokenizer.from_file(str(path))
-    missing = [t for t in sp.SPECIAL_TOKENS if tk.token_to_id(t) is None]
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    return tk, missing
+
+def load_state_into(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> Transformer:
+    """Our model holding transformers-named weights, matched name for name (any leftover is an error)."""
+    model = Transformer(cfg)
+    ours = {hf_name(k): k for k in model.state_dict()}
+    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:  # GGUF files leave the tied head out
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    unexpected = [k for k in state if k not in ours]
+    missing = [k for k in ours if k not in state]
+    if unexpected or missing:
+        raise UserError(f"cannot import {source}: weights {unexpected[:3]} have no place in our model, "
+                        f"{missing[:3]} are missing")
+    model.load_state_dict({ours[k]: v for k, v in state.items()})
+    return model.eval()
 
 
 def grow_rows(weight: torch.Tensor, rows: int, new_ids: list[int]) -> torch.Tensor:
@@ -87,49 +109,46 @@ def grow_rows(weight: torch.Tensor, rows: int, new_ids: list[int]) -> torch.Tens
     return out
 
 
-def load_hf_weights(hf_dir: Path, cfg: ModelConfig) -> Transformer:
-    """Our model with the HF weights, matched name for name (any leftover is an error)."""
-    from transformers import AutoModelForCausalLM
+def with_roles(model: Transformer, adopted: Adopted) -> Transformer:
+    """The model with embedding (and untied head) rows for the appended role tokens."""
+    new_ids = adopted.appended_ids()
+    cfg = model.cfg
+    rows = max(cfg.vocab_size, adopted.tokenizer.vocab_size)
+    if not new_ids and rows == cfg.vocab_size:
+        return model
+    grown = Transformer(dataclasses.replace(cfg, vocab_size=rows))
+    state = model.state_dict()
+    state["embed.weight"] = grow_rows(state["embed.weight"], rows, new_ids)
+    state["lm_head.weight"] = (state["embed.weight"] if cfg.tie_embeddings
+                               else grow_rows(state["lm_head.weight"], rows, new_ids))
+    grown.load_state_dict(state)
+    return grown.eval()
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    model = Transformer(cfg)
-    ours = {hf_name(k): k for k in model.state_dict()}
-    state = hf_model.state_dict()
-    unexpected = [k for k in state if k not in ours]
-    missing = [k for k in ours if k not in state]
-    if unexpected or missing:
-        raise UserError(f"cannot import {hf_dir}: weights {unexpected[:3]} have no place in our model, "
-                        f"{missing[:3]} are missing")
-    model.load_state_dict({ours[k]: v for k, v in state.items()})
-    return model.eval()
 
-
-def import_hf(hf_dir: str | Path, out: str | Path) -> dict:
-    """Write our checkpoint directory ``out`` from a transformers model directory."""
-    from transformers import AutoConfig
-
+def write_imported(out: str | Path, model: Transformer, adopted: Adopted, preset: str) -> dict[str, Any]:
+    """Save the checkpoint (weights, tokenizer and its config) atomically; the summary import prints."""
     from codefoundry.checkpoint import save_checkpoint
+
+    model = with_roles(model, adopted)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = Path(tmp) / "tokenizer.json"
+        adopted.tokenizer.save(tok_path)
+        save_checkpoint(out, model, tok_path, preset=preset)
+    return {"out": str(out), "model_type": preset.split(":")[-1], "added_tokens": adopted.appended,
+            "vocab_size": model.cfg.vocab_size, "roles": adopted.report()}
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, append: bool = True) -> dict[str, Any]:
+    """Write our checkpoint directory ``out`` from a transformers model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} is not a transformers model directory (no config.json)")
     hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
     cfg = model_config_from_hf(hf_cfg)
-    tk, added = tokenizer_with_specials(hf_dir)
-    model = load_hf_weights(hf_dir, cfg)
-    if added:
-        new_ids = [tk.token_to_id(t) for t in added]
-        rows = max(cfg.vocab_size, max(new_ids) + 1)
-        grown = Transformer(dataclasses.replace(cfg, vocab_size=rows))
-        state = model.state_dict()
-        state["embed.weight"] = grow_rows(state["embed.weight"], rows, new_ids)
-        state["lm_head.weight"] = (state["embed.weight"] if cfg.tie_embeddings
-                                   else grow_rows(state["lm_head.weight"], rows, new_ids))
-        grown.load_state_dict(state)
-        model = grown.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_path = Path(tmp) / "tokenizer.json"
-        tk.save(str(tok_path))
-        save_checkpoint(out, model, tok_path, preset=f"hf-import:{hf_cfg.model_type}")
-    return {"out": str(out), "model_type": hf_cfg.model_type, "added_tokens": added,
-            "vocab_size": model.cfg.vocab_size}
+    adopted = adopt(*read_hf_tokenizer(hf_dir), append=append)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = load_state_into(hf_model.state_dict(), cfg, str(hf_dir))
+    del hf_model
+    return write_imported(out, model, adopted, f"hf-import:{hf_cfg.model_type}")
