@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from codefoundry.config import ModelConfig
 from codefoundry.model.attention import Attention, DiffAttention
@@ -30,8 +31,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | BlockMask | None = None, cache: KVCache | None = None) -> torch.Tensor:
         if self.post_norm:
             x = x + self.drop(self.attn_norm(self.attn(x, cos, sin, mask, cache)))
             return x + self.drop(self.mlp_norm(self.mlp(x)))

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from codefoundry.config import ModelConfig
 from codefoundry.model.kv_cache import KVCache
 from codefoundry.model.layers import Block
-from codefoundry.model.masking import attention_mask
+from codefoundry.model.masking import attention_kernel, build_mask
 from codefoundry.model.moe import MoE
 from codefoundry.model.mtp import MTPHead
 from codefoundry.model.norm import RMSNorm
@@ -67,7 +67,12 @@ class Transformer(nn.Module):
         if start + t > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {start + t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
-        mask = attention_mask(idx, self.cfg, cache)
+        if cache is not None and cache.row_pos is not None:  # each row at its own position (continuous batching)
+            at = cache.row_pos[:, None] + torch.arange(t, device=idx.device)
+            cos, sin = self.rope_cos[at][:, None], self.rope_sin[at][:, None]
+        dropout = self.cfg.dropout if self.training else 0.0
+        kernel = attention_kernel(self.cfg, idx.device, dropout, decoding=cache is not None)
+        mask = build_mask(idx, self.cfg, kernel, cache)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
