@@ -60,6 +60,7 @@ class ModelConfig:
     doc_sep_id: int = 0  # the token that opens every document (EOT)
     tie_embeddings: bool = True
     bias: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2-style; `bias` puts them everywhere)
     dropout: float = 0.0
     logit_softcap: float = 0.0  # 0 = off; else logits = c * tanh(logits / c)
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) added to the training loss
