@@ -40,7 +40,7 @@ def test_recipe_trains_two_steps_on_its_tiny_twin(name, tiny_data, tmp_path):
                  "train.compile=off", "train.save_every=0", "train.eval_every=0", "train.eval_batches=1",
                  "train.wandb_project=", "train.log_every=1", "train.warmup_steps=1"]
     if run.train.curriculum:
-        overrides.append("train.curriculum=8:1")  # the curriculum path, at test size
+        overrides.append('train.curriculum="8:1"')  # the curriculum path, at test size (quoted: YAML reads 8:1 as 481)
     if run.train.linear_precision in GPU_ONLY_PRECISION:
         overrides.append("train.linear_precision=default")
     tiny = build_run_config(tiny_twin(run.preset), name, overrides)
