@@ -108,3 +108,58 @@ def test_active_params_count_only_chosen_experts():
 def test_invalid_routing_config(bad):
     with pytest.raises(ConfigError):
         cfg(**bad)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_gemm_dispatch_equals_dense_dispatch_in_bf16(monkeypatch, bias):
+    """The GPU path (sorted rows, torch._grouped_mm) against the all-experts path, forward and backward."""
+    import codefoundry.model.moe as moe_module
+
+    assert moe_module.moe_dispatch(torch.device("cpu"), torch.float32) == "dense"
+    assert moe_module.moe_dispatch(torch.device("cpu"), torch.bfloat16) == "grouped"
+    assert moe_module.moe_dispatch(torch.device("cpu"), torch.float32) == "dense"
+    assert moe_module.moe_dispatch(torch.device("cpu"), torch.bfloat16) == "grouped"
+    torch.manual_seed(0)
+    moe = MoE(cfg(bias=bias, moe_shared_experts=0))
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    results = {}
+    for kind in ("grouped", "dense"):
+        monkeypatch.setattr(moe_module, "moe_dispatch", lambda device, dtype, kind=kind: kind)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = moe(x)
+        out.float().square().sum().backward()
+        results[kind] = (out.float(), x.grad.clone(), moe.experts[3].down_proj.weight.grad.clone())
+        x.grad = None
+        moe.zero_grad()
+    for got, want in zip(results["grouped"], results["dense"]):
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def _bias_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Transformer(cfg(moe_bias_rate=0.1))
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank routes different tokens
+    for _ in range(3):
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, 16), generator=gen))
+        model.post_step()
+    torch.save(model.blocks[0].mlp.expert_bias, f"{out}/bias{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bias_stays_identical_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bias_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
+    assert b0.abs().sum() > 0
+    torch.testing.assert_close(b0, b1, atol=0, rtol=0)

@@ -14,17 +14,46 @@ the gate values, and after every optimizer step (``update_bias``, called from th
 tokens than average, down for those that got more. A Switch-style auxiliary loss
 (``moe_aux_loss``) is available as well.
 
-Dispatch is batched: (token, slot) pairs are sorted by expert and each expert runs once on
-its contiguous slice, so the Python loop is over experts, never over tokens.
+Dispatch never reads the device from the host (no ``.tolist()``/``.item()``, no data-dependent
+shapes, so ``torch.compile(fullgraph=True)`` sees one graph):
+
+* ``grouped`` (bf16 compute, the GPU case): (token, slot) pairs are sorted by expert and all
+  experts run as grouped GEMMs (``torch._grouped_mm``) over the sorted rows, with the group
+  offsets computed on the device. Exactly the routed FLOPs.
+* ``dense`` (fp32 compute, or a GPU without grouped GEMMs): every expert runs on every token
+  and the gate matrix (zero for experts not chosen) weighs the results: ``n_experts / top_k``
+  times the routed FLOPs, meant for CPU-sized models.
+
+Both read the expert weights from the per-expert ``MLP`` modules (stacked per call), so the
+parameter names stay ``experts.{i}.{gate,up,down}_proj``. The experts' ``nn.Linear`` modules
+are therefore never called and never converted to FP8 (see ``train/fp8.py``).
+
+Under data parallelism ``update_bias`` all-reduces the expert loads first, so every rank
+applies the same bias update and the routing stays identical across ranks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from codefoundry.config import ModelConfig
 from codefoundry.model.mlp import MLP
+
+
+def moe_dispatch(device: torch.device, dtype: torch.dtype) -> str:
+    """``grouped`` or ``dense``: how the routed experts run for compute ``dtype`` on ``device``."""
+    if dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return "dense"
+    if device.type == "cuda":
+        return "grouped" if torch.cuda.get_device_capability(device) >= (9, 0) else "dense"
+    return "grouped"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class MoE(nn.Module):
@@ -62,18 +91,63 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         experts, gates, scores = self.route(flat)
         slots = experts.flatten()  # (N * k,) expert of every (token, slot)
-        order = slots.argsort(stable=True)
-        token = order // self.top_k
-        counts = torch.bincount(slots, minlength=self.n_experts)
-        chunks = flat[token].split(counts.tolist())
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
-        y = y * gates.flatten()[order, None].to(y.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token, y.to(flat.dtype))
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, slots, torch.ones_like(slots))
+        dtype = _compute_dtype(flat)
+        if moe_dispatch(x.device, dtype) == "grouped":
+            routed = self._grouped(flat, slots, counts, gates, dtype)
+        else:
+            routed = self._dense(flat, experts, gates, dtype)
+        out = routed.to(flat.dtype)
         for shared in self.shared_experts:
             out = out + shared(flat)
         if self.training:
             self._record(counts, scores)
         return out.view_as(x)
+
+    def _stacked(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights (E, out, in) of projection ``name`` over all experts, and biases (E, out) if any."""
+        layers = [getattr(e, name) for e in self.experts]
+        weight = torch.stack([layer.weight for layer in layers]).to(dtype)
+        bias = torch.stack([layer.bias for layer in layers]).to(dtype) if layers[0].bias is not None else None
+        return weight, bias
+
+    def _expert_hidden(self, project) -> torch.Tensor:
+        """The experts' activation, given ``project(name)`` = that projection's output."""
+        kind = self.experts[0].kind
+        if kind in ("swiglu", "smooth_swiglu"):  # Smooth-SwiGLU's scaling is exact identity outside FP8
+            return F.silu(project("gate_proj")) * project("up_proj")
+        up = project("up_proj")
+        return F.relu(up).square() if kind == "relu2" else F.gelu(up)
+
+    def _grouped(self, flat: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+        order = slots.argsort(stable=True)
+        token, expert_of_row = order // self.top_k, slots[order]
+        offsets = counts.cumsum(0).to(torch.int32)
+        rows = flat[token].to(dtype)
+
+        def grouped(inp: torch.Tensor, name: str) -> torch.Tensor:
+            weight, bias = self._stacked(name, dtype)
+            y = torch._grouped_mm(inp, weight.transpose(-2, -1), offs=offsets)
+            return y + bias[expert_of_row] if bias is not None else y
+
+        y = grouped(self._expert_hidden(lambda name: grouped(rows, name)), "down_proj")
+        y = y * gates.flatten()[order, None].to(dtype)
+        return torch.zeros(flat.shape, dtype=dtype, device=flat.device).index_add_(0, token, y)
+
+    def _dense(self, flat: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        weights = torch.zeros(flat.shape[0], self.n_experts, dtype=dtype, device=flat.device).scatter(
+            1, experts, gates.to(dtype))  # (N, E): the gate where chosen, else 0
+        x = flat.to(dtype)
+
+        def dense(inp: torch.Tensor, name: str) -> torch.Tensor:  # inp (N, in) or (E, N, in) -> (E, N, out)
+            weight, bias = self._stacked(name, dtype)
+            y = torch.matmul(inp, weight.transpose(-2, -1))
+            return y + bias[:, None] if bias is not None else y
+
+        y = dense(self._expert_hidden(lambda name: dense(x, name)), "down_proj")  # (E, N, dim)
+        return torch.einsum("end,ne->nd", y, weights)
 
     def _record(self, counts: torch.Tensor, scores: torch.Tensor) -> None:
         with torch.no_grad():
@@ -90,7 +164,9 @@ class MoE(nn.Module):
     def update_bias(self) -> None:
         """Aux-loss-free balancing step: nudge under-loaded experts up, over-loaded ones down."""
         load = self.load_pending
-        if self.bias_rate > 0 and load.sum() > 0:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)  # every rank sees the global load, so the biases stay identical
+        if self.bias_rate > 0:  # with no tokens seen, sign(0) = 0 leaves the bias alone
             self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
         load.zero_()
 
