@@ -1,6 +1,6 @@
 """Export a checkpoint as one GGUF file that llama.cpp (and everything built on it) runs.
 
-The architecture is the one the HF export picks (llama / qwen3 / arcee; its post-norm and
+The architecture is the one the HF export picks (llama / qwen3 / qwen2 / arcee; its post-norm and
 MoE families are refused here, see :mod:`codefoundry.export.hf`), and tensor names come from
 ``gguf``'s own HF -> GGUF name map, so the two exports cannot drift apart. What differs from
 the HF export:
@@ -8,15 +8,16 @@ the HF export:
 * **RoPE layout.** llama.cpp's ``llama`` and ``arcee`` graphs rotate interleaved pairs
   (2i, 2i+1) — the original Meta layout — while our tables pair i with i + head_dim/2. Q
   and K rows are permuted exactly as llama.cpp's ``convert_hf_to_gguf.py`` does. ``qwen3``
-  uses the NeoX (rotate-half) mode, so its weights go in unchanged.
+  and ``qwen2`` use the NeoX (rotate-half) mode, so its weights go in unchanged.
 * **RoPE scaling.** linear -> ``rope.scaling.type=linear``; static NTK -> a larger
-  ``rope.freq_base``; YaRN (llama arch only) -> a ``rope_freqs`` tensor holding our exact
-  per-dimension frequency divisors (how llama.cpp runs Llama 3.1's scaling), with YaRN's
-  attention temperature folded into the Q projection (RoPE is linear, so scaling q by m²
-  equals scaling q and k by m).
+  ``rope.freq_base``; YaRN and Llama 3.1's llama3 (llama arch only) -> a ``rope_freqs`` tensor
+  holding our exact per-dimension frequency divisors (how llama.cpp runs Llama 3.1's scaling),
+  with YaRN's attention temperature folded into the Q projection (RoPE is linear, so scaling
+  q by m² equals scaling q and k by m).
 * **Tokenizer.** byte-level BPE as ``gpt2`` with pre-tokenizer ``llama-bpe`` (our split
   regex is exactly Llama 3's), tokens, types (special tokens are CONTROL), merges, the
-  special / FIM ids and the chat template. No BOS is added: our prompts carry none.
+  special / FIM ids and the chat template (an imported model's own, else ours). No BOS is added:
+  our prompts carry none, and templates that want one print it.
 
 Tensors: 1-D ones (norms, biases) stay F32 as in llama.cpp's converter; matrices are
 F32/F16/BF16 or Q8_0 (rows whose length is not a multiple of 32 fall back to F16, counted).
@@ -34,10 +35,22 @@ import torch
 
 from codefoundry.config import ModelConfig
 from codefoundry.errors import UserError
-from codefoundry.export.chat_template import CHAT_TEMPLATE
-from codefoundry.export.hf import ExportPlan, hf_state_dict, plan_export, training_notes
+from codefoundry.export.hf import (
+    ExportPlan,
+    chat_template,
+    hf_state_dict,
+    pad_id,
+    plan_export,
+    token_id_of,
+    training_notes,
+)
 from codefoundry.model import Transformer
-from codefoundry.model.rope import default_inv_freq, ntk_theta, rope_active, rope_frequencies
+from codefoundry.model.rope import (
+    default_inv_freq,
+    ntk_theta,
+    rope_active,
+    rope_frequencies,
+)
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer import special as sp
 
@@ -50,7 +63,8 @@ LLAMA3_SPLIT_PATTERN = (
 )
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-GGUF_ARCHES = ("llama", "qwen3", "arcee")  # of the HF export's families, those mapped here
+GGUF_ARCHES = ("llama", "qwen3", "qwen2", "arcee")
+PER_DIM_SCALINGS = ("yarn", "llama3")  # written as a rope_freqs tensor of per-dimension divisors  # of the HF export's families, those mapped here
 
 
 @dataclass
@@ -79,9 +93,9 @@ def gguf_arch(plan: ExportPlan, cfg: ModelConfig) -> str:
     if arch == "arcee" and cfg.mlp != "relu2":
         raise UserError(f"cannot export to GGUF: model.mlp={cfg.mlp} has no llama.cpp architecture "
                         "(its arcee graph is ReLU² only); use the hf format")
-    if rope_active(cfg) and cfg.rope_scaling == "yarn" and arch != "llama":
-        raise UserError(f"cannot export to GGUF: YaRN rope scaling is only mapped for the llama architecture "
-                        f"(this model is {arch}); use the hf format")
+    if rope_active(cfg) and cfg.rope_scaling in PER_DIM_SCALINGS and arch != "llama":
+        raise UserError(f"cannot export to GGUF: {cfg.rope_scaling} rope scaling is only mapped for the llama "
+                        f"architecture (this model is {arch}); use the hf format")
     return arch
 
 
@@ -94,7 +108,7 @@ def gguf_tensors(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     names = gguf.TensorNameMap(arch_enum, cfg.n_layers)
     q_scale = 1.0
     out: dict[str, torch.Tensor] = {}
-    if rope_active(cfg) and cfg.rope_scaling == "yarn":
+    if rope_active(cfg) and cfg.rope_scaling in PER_DIM_SCALINGS:
         inv_freq, mscale = rope_frequencies(cfg)
         out["rope_freqs.weight"] = (default_inv_freq(cfg) / inv_freq.double()).float()
         q_scale = mscale ** 2
@@ -147,7 +161,7 @@ def check_llama_bpe(tokenizer: CodeTokenizer) -> None:
 
 
 def add_tokenizer(writer, tokenizer: CodeTokenizer, vocab_size: int) -> None:
-    """Byte-level BPE vocabulary, merges, special ids and chat template."""
+    """Byte-level BPE vocabulary, merges, the role ids the tokenizer has, and its chat template (its own or ours)."""
     import gguf
 
     specials = control_token_ids(tokenizer)
@@ -167,17 +181,18 @@ def add_tokenizer(writer, tokenizer: CodeTokenizer, vocab_size: int) -> None:
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     ids = tokenizer.special_ids
-    writer.add_bos_token_id(tokenizer.bos_id)
-    writer.add_eos_token_id(tokenizer.eot_id)
-    writer.add_eot_token_id(ids[sp.ASSISTANT_END])
-    writer.add_pad_token_id(ids[sp.FIM_PAD])
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, ids[sp.FIM_PREFIX])
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, ids[sp.FIM_SUFFIX])
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, ids[sp.FIM_MIDDLE])
-    writer.add_uint32(gguf.Keys.Tokenizer.FIM_PAD_ID, ids[sp.FIM_PAD])
-    writer.add_add_bos_token(False)
+    writer.add_bos_token_id(token_id_of(tokenizer, tokenizer.config.bos_token))
+    writer.add_eos_token_id(token_id_of(tokenizer, tokenizer.config.eos_token))
+    if sp.ASSISTANT_END in ids:
+        writer.add_eot_token_id(ids[sp.ASSISTANT_END])
+    writer.add_pad_token_id(pad_id(tokenizer))
+    for role, key in ((sp.FIM_PREFIX, gguf.Keys.Tokenizer.FIM_PRE_ID), (sp.FIM_SUFFIX, gguf.Keys.Tokenizer.FIM_SUF_ID),
+                      (sp.FIM_MIDDLE, gguf.Keys.Tokenizer.FIM_MID_ID), (sp.FIM_PAD, gguf.Keys.Tokenizer.FIM_PAD_ID)):
+        if role in ids:
+            writer.add_uint32(key, ids[role])
+    writer.add_add_bos_token(False)  # templates (ours, Llama 3's) print their own BOS
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template(tokenizer))
 
 
 def add_hparams(writer, model: Transformer) -> None:

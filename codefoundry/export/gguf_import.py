@@ -54,7 +54,10 @@ def model_config_from_gguf(reader) -> tuple[str, ModelConfig]:
     arch = field(reader, gguf.Keys.General.ARCHITECTURE)
     if arch not in GGUF_ARCHES:
         raise UserError(f"cannot import GGUF architecture {arch!r}: supported are {', '.join(GGUF_ARCHES)}")
-    k = lambda key, default=None: field(reader, key.format(arch=arch), default)  # noqa: E731
+
+    def k(key: str, default: Any = None) -> Any:
+        return field(reader, key.format(arch=arch), default)
+
     names = {t.name for t in reader.tensors}
     dim, n_heads = k(gguf.Keys.LLM.EMBEDDING_LENGTH), k(gguf.Keys.Attention.HEAD_COUNT)
     head_dim = k(gguf.Keys.Attention.KEY_LENGTH) or dim // n_heads
@@ -96,7 +99,7 @@ def dequantized(tensor) -> torch.Tensor:
         raise UserError(f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf package "
                         "cannot dequantize; requantize the file (e.g. Q8_0 or a K-quant)") from None
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(shape))
+    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the reader's map is read-only
 
 
 def gguf_state_dict(reader, arch: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -49,7 +49,12 @@ from codefoundry.errors import UserError
 from codefoundry.export.chat_template import CHAT_TEMPLATE
 from codefoundry.model import Transformer
 from codefoundry.model.norm import RMSNorm
-from codefoundry.model.rope import default_inv_freq, ntk_theta, rope_active, rope_frequencies
+from codefoundry.model.rope import (
+    default_inv_freq,
+    ntk_theta,
+    rope_active,
+    rope_frequencies,
+)
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer import special as sp
 
@@ -244,7 +249,7 @@ def hf_config(cfg: ModelConfig, tokenizer: CodeTokenizer, dtype: str = "fp32"):
         intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act=activations[cfg.mlp],
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters=rope, attention_bias=cfg.bias, bos_token_id=_token_id(tokenizer, tokenizer.config.bos_token),
+        rope_parameters=rope, attention_bias=cfg.bias, bos_token_id=token_id_of(tokenizer, tokenizer.config.bos_token),
         eos_token_id=sorted(tokenizer.chat_stop_ids), pad_token_id=pad_id(tokenizer),
         dtype=str(DTYPES[dtype]).removeprefix("torch."),
     )
@@ -283,7 +288,7 @@ def build_hf_model(model: Transformer, tokenizer: CodeTokenizer, dtype: str = "f
     return hf_model.to(DTYPES[dtype]).eval()
 
 
-def _token_id(tokenizer: CodeTokenizer, token: str | None) -> int:
+def token_id_of(tokenizer: CodeTokenizer, token: str | None) -> int:
     """The id of a config token string, the separator when there is none."""
     i = tokenizer.tk.token_to_id(token) if token else None
     return tokenizer.eot_id if i is None else i
