@@ -164,7 +164,8 @@ def test_low_precision_tensors_dequantize_close_to_ours(tiny_tokenizer, tmp_path
 
 @pytest.mark.parametrize("overrides, words", [
     ({"mlp": "gelu"}, "ReLU² only"),
-    ({"qk_norm": True, "rope_scaling": "yarn", "rope_factor": 2.0}, "YaRN"),
+    ({"qk_norm": True, "rope_scaling": "yarn", "rope_factor": 2.0}, "yarn rope scaling"),
+    ({"qk_norm": True, "rope_scaling": "llama3", "rope_factor": 2.0}, "llama3 rope scaling"),
     ({"n_experts": 4, "ffn_dim": 96}, "post-norm or MoE"),
 ])
 def test_models_llamacpp_cannot_run_exactly_are_refused(tiny_tokenizer, tmp_path, overrides, words):
