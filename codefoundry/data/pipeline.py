@@ -240,10 +240,11 @@ def run_stages(stages: list[Stage], work: DataFolder, workers: int, show_progres
         cpu = cpu_seconds()
         progress = Progress(f"data {i}/{len(stages)} {stage.name}", enabled=show_progress, unit="tasks",
                             total=stage.tasks, interval=math.inf)  # one line per stage, when it ends
-        executor = make_executor(stage.pipeline, stage.tasks, workers, stage_logs(work, stage), stage.name, execution)
-        to_run = len(executor.get_incomplete_ranks())
-        logger.disable("datatrove")
+        logger.disable("datatrove")  # its banners (and the Ray executor's shared-folder warning) drown our lines
         try:
+            executor = make_executor(stage.pipeline, stage.tasks, workers, stage_logs(work, stage), stage.name,
+                                     execution)
+            to_run = len(executor.get_incomplete_ranks())
             with tied_to_this_process():
                 executor.run()
         finally:

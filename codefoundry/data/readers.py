@@ -78,9 +78,11 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def _first(data: dict, keys: tuple[str, ...]) -> Any:
+def _first(data: dict, keys: tuple[str, ...], kind: type | tuple[type, ...] = str) -> Any:
+    """The first of ``keys`` whose value has the expected type: a dataset whose ``path`` column
+    holds numbers (or a list) loses only that field, not the row."""
     for k in keys:
-        if data.get(k) is not None:
+        if isinstance(data.get(k), kind) and data[k] != "":
             return data[k]
     return None
 
@@ -89,14 +91,16 @@ def code_adapter(self, data: dict, path: str, id_in_file: int | str) -> dict:
     """datatrove adapter for code datasets (bound to the reader: ``self`` has ``ledger`` and ``source``)."""
     text = _first(data, TEXT_KEYS)
     where = f"{path}:{id_in_file}"
-    if not isinstance(text, str):
+    if text is None and any(isinstance(data.get(k), str) for k in TEXT_KEYS):
+        text = ""  # an empty text column: counted as empty below
+    if text is None:
         self.ledger.add("missing_text_column", where, 0, self.rank)
         return {"text": "", "id": where}
     file_path = _first(data, PATH_KEYS) or ""
     repo = _first(data, REPO_KEYS)
     lang = _first(data, LANGUAGE_KEYS)
     language = normalize_language(lang) if isinstance(lang, str) else (language_of(file_path, include_markup=True) or "unknown")
-    doc_id = _first(data, ID_KEYS) or (f"{repo}/{file_path}" if repo and file_path else where)
+    doc_id = _first(data, ID_KEYS, (str, int)) or (f"{repo}/{file_path}" if repo and file_path else where)
     if len(text) > self.max_bytes // 4 and len(text.encode()) > self.max_bytes:
         self.ledger.add("too_large", where, len(text.encode()), self.rank)
         return {"text": "", "id": where}

@@ -136,7 +136,7 @@ def scan_folder(root: Path, languages: set[str] | None = None, follow_symlinks: 
                 except OSError as exc:
                     if found and found[0] in kinds or exc.errno == errno.ELOOP:
                         reason = "symlink_loop" if exc.errno == errno.ELOOP else "broken_symlink"
-                        yield FolderEntry(e.path, rel, found[0] if found else "folder", skip=reason)
+                        yield FolderEntry(e.path, rel, *(found or ("folder", None)), skip=reason)
                     continue
                 outside = not _inside(os.path.realpath(e.path), real_root)
                 if stat.S_ISDIR(st.st_mode):

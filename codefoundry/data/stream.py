@@ -134,6 +134,45 @@ def _local_fs() -> Any:
     return LocalFileSystem()
 
 
+def file_documents(f: StreamFile, languages: set[str] | None, skipped: Counter, ledger_dir: str | None = None,
+                   max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[tuple[str, str, str]]:
+    """(text, language, split path) of every document in one file, through the data stage's readers;
+    what they skip is added to ``skipped`` by reason."""
+    if f.kind == "code" and local_path(f.location) is not None:
+        text, reason = read_text(Path(f.location), max_file_bytes)
+        if reason:
+            skipped[reason] += 1
+        else:
+            yield text, f.language or "unknown", f.relpath
+        return
+    reader = build_reader(SourceSpec(f.location), ledger_dir or f"memory://cf-stream/{uuid.uuid4().hex}", languages,
+                          max_file_bytes)
+    try:
+        for doc in reader.run():
+            if doc.text:
+                path = f.relpath if f.kind == "code" else doc.metadata.get("path") or doc.id
+                yield doc.text, doc.metadata.get("language", "unknown"), path
+    finally:
+        for reason, entry in reader.ledger.counts.items():
+            skipped[reason] += entry["documents"]
+
+
+def source_texts(sources: list[str | SourceSpec], max_bytes: int = 0, val_fraction: float = 0.0,
+                 languages: set[str] | None = None, hub_root: dict[str, str] | None = None) -> Iterator[str]:
+    """Training-split texts of any sources (code folders, JSONL/Parquet, hub corpora), up to
+    ``max_bytes`` (0 = all): what a tokenizer is trained on when the corpus is not plain files."""
+    files, _ = list_stream_files(sources, languages, hub_root)
+    seen, skipped = 0, Counter()
+    for f in files:
+        for text, language, path in file_documents(f, languages, skipped):
+            if (languages and language not in languages) or split_of(path, val_fraction) != "train":
+                continue
+            seen += len(text.encode())
+            if max_bytes and seen > max_bytes:
+                return
+            yield text
+
+
 class _UnitStream:
     """One unit's endless batches (runs inside a DataLoader worker, or in-process without workers)."""
 
@@ -165,24 +204,8 @@ class _UnitStream:
         return checks
 
     def _documents(self, f: StreamFile) -> Iterator[tuple[str, str, str]]:
-        """(text, language, split path) of every document the file holds, bad input counted."""
-        if f.kind == "code" and local_path(f.location) is not None:
-            text, reason = read_text(Path(f.location), self.opt.max_file_bytes)
-            if reason:
-                self.stats["skipped"][reason] += 1
-            else:
-                yield text, f.language or "unknown", f.relpath
-            return
-        reader = build_reader(SourceSpec(f.location), self.ledger_dir, set(self.opt.languages) or None,
+        return file_documents(f, set(self.opt.languages) or None, self.stats["skipped"], self.ledger_dir,
                               self.opt.max_file_bytes)
-        try:
-            for doc in reader.run():
-                if doc.text:
-                    path = f.relpath if f.kind == "code" else doc.metadata.get("path") or doc.id
-                    yield doc.text, doc.metadata.get("language", "unknown"), path
-        finally:
-            for reason, entry in reader.ledger.counts.items():
-                self.stats["skipped"][reason] += entry["documents"]
 
     def _token_docs(self, f: StreamFile, epoch: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
         """(index of the document in its file, tokens) of the file's kept documents from ``start`` on."""
