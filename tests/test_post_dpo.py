@@ -11,7 +11,7 @@ from helpers_post import make_checkpoint, tiny_checkpoint
 from codefoundry.checkpoint import load_model
 from codefoundry.post.builders import preference_pairs_from_tests
 from codefoundry.post.dpo import DPO_DEFAULTS, dpo, evaluate_margins, load_pairs
-from codefoundry.post.loop import train_config
+from codefoundry.post.finetune import finetune_config
 from codefoundry.post.sft_data import LoadReport, Source
 from codefoundry.tokenizer.chat import render_chat
 
@@ -42,9 +42,10 @@ def test_dpo_raises_margin_on_training_pairs(tmp_path):
     start = evaluate_margins(model, model, pairs, 0.1, tok.eot_id, torch.device("cpu"))
     assert start["reward_margin"] == 0.0
 
-    tc = train_config(DPO_DEFAULTS, ["train.lr=2e-3", "train.max_steps=30", "train.batch_size=4",
-                                     "train.warmup_steps=0", "train.log_every=10", "train.device=cpu"])
-    summary = dpo(ckpt, Source(str(data)), tmp_path / "run", tc, beta=0.1, show_progress=False)
+    run = finetune_config(ckpt, DPO_DEFAULTS, ["train.lr=2e-3", "train.max_steps=30", "train.batch_size=4",
+                                               "train.warmup_steps=0", "train.log_every=10", "train.device=cpu"],
+                          tmp_path / "run")
+    summary = dpo(ckpt, Source(str(data)), run, beta=0.1, show_progress=False)
     assert summary["train_set"]["reward_margin"] > 0.5
     assert summary["train_set"]["reward_accuracy"] == 1.0
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from helpers_post import make_checkpoint
 
 from codefoundry.checkpoint import load_model
 from codefoundry.infer.engine import Request, SamplingParams, run_batch
-from codefoundry.post.loop import train_config
+from codefoundry.post.finetune import finetune_config
 from codefoundry.post.sft import SFT_DEFAULTS, sft
 from codefoundry.post.sft_data import (
     Example,
@@ -65,10 +65,10 @@ def test_mixture_follows_weights():
 
 def test_sft_lowers_loss_and_follows_template(tmp_path):
     ckpt = make_checkpoint(tmp_path / "base")
-    tc = train_config(SFT_DEFAULTS, ["train.lr=3e-3", "train.max_steps=80", "train.batch_size=4",
-                                     "train.seq_len=128", "train.warmup_steps=5", "train.log_every=20",
-                                     "train.device=cpu"])
-    summary = sft(ckpt, write_data(tmp_path), tmp_path / "run", tc, show_progress=False)
+    run = finetune_config(ckpt, SFT_DEFAULTS, ["train.lr=3e-3", "train.max_steps=80", "train.batch_size=4",
+                                               "train.seq_len=128", "train.warmup_steps=5", "train.log_every=20",
+                                               "train.device=cpu"], tmp_path / "run")
+    summary = sft(ckpt, write_data(tmp_path), run, show_progress=False)
     assert summary["final"]["loss"] < 0.25 * summary["first"]["loss"]
     openai = summary["data"][str(tmp_path / "openai.jsonl")]
     assert openai["kept"] == 2 and openai["skipped"] == {"malformed": 2}

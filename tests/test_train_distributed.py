@@ -38,10 +38,10 @@ def _rank(rank, world, port, run, resume=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from codefoundry.train.distributed import init_distributed, shutdown
+    from codefoundry.train.distributed import shutdown
 
     pretrain(run, resume=resume, show_progress=False)
-    shutdown(init_distributed(run.train.parallel, "cpu"))
+    shutdown()
 
 
 def _free_port():

@@ -20,22 +20,24 @@ def data(tmp_path_factory):
 
 def test_guard_verdicts_and_state():
     g = StepGuard(True, spike_factor=2.0, max_skips=4, warmup_steps=0)
-    one = torch.tensor(1.0)
-    assert g.healthy(0, one, torch.tensor(0.5))
-    assert not g.healthy(1, torch.tensor(float("nan")), torch.tensor(0.5))
-    assert not g.healthy(2, one, torch.tensor(float("inf")))
-    assert not g.healthy(3, torch.tensor(2.5), None)  # spike: > 2x the running mean
-    assert g.healthy(4, torch.tensor(1.5), None)
-    assert g.skipped == 3 and g.consecutive == 0
+    one, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    verdicts = [g.check(0, one, torch.tensor(0.5)), g.check(1, nan, torch.tensor(0.5)),
+                g.check(2, one, torch.tensor(float("inf"))),
+                g.check(3, torch.tensor(2.5), None),  # spike: > 2x the running mean
+                g.check(4, torch.tensor(1.5), None)]
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in verdicts)  # decided on the device
+    assert [bool(v) for v in verdicts] == [False, True, True, True, False]
+    assert g.skipped == 3 and int(g.consecutive) == 0
+    g.raise_if_stuck(4)  # 3 in a row < 4
     state = g.state_dict()
     h = StepGuard(True, 2.0, 3, 0)
-    h.load_state_dict(state, torch.device("cpu"))
+    h.load_state_dict(state)
     assert h.state_dict() == state
-    for step in range(2):
-        assert not h.healthy(step, torch.tensor(float("nan")), None)
+    for step in range(3):
+        assert h.check(step, nan, None)
     with pytest.raises(UserError, match="3 consecutive steps"):
-        h.healthy(2, torch.tensor(float("nan")), None)
-    assert StepGuard(False, 2.0, 3, 0).healthy(0, torch.tensor(float("nan")), None)
+        h.raise_if_stuck(2)
+    assert StepGuard(False, 2.0, 3, 0).check(0, nan, None) is None
 
 
 def _run(data, out, **over):

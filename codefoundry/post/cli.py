@@ -12,25 +12,50 @@ from codefoundry.errors import UserError
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from codefoundry.post.loop import train_config
+    from codefoundry.post.finetune import finetune_config
     from codefoundry.post.sft import SFT_DEFAULTS, sft
     from codefoundry.post.sft_data import Source
+    from codefoundry.train.distributed import shutdown
 
-    tc = train_config(SFT_DEFAULTS, args.overrides)
-    summary = sft(args.checkpoint, [Source.parse(d) for d in args.data], args.out, tc)
+    resume = _resume(args)
+    run = finetune_config(args.checkpoint, SFT_DEFAULTS, args.overrides, args.out)
+    try:
+        summary = sft(args.checkpoint, [Source.parse(d) for d in args.data], run, resume, args.stop_after)
+    finally:
+        shutdown()
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def run_dpo(args: argparse.Namespace) -> int:
     from codefoundry.post.dpo import DPO_DEFAULTS, dpo
-    from codefoundry.post.loop import train_config
+    from codefoundry.post.finetune import finetune_config
     from codefoundry.post.sft_data import Source
+    from codefoundry.train.distributed import shutdown
 
-    tc = train_config(DPO_DEFAULTS, args.overrides)
-    summary = dpo(args.checkpoint, Source.parse(args.data), args.out, tc, args.beta, args.reference)
+    resume = _resume(args)
+    run = finetune_config(args.checkpoint, DPO_DEFAULTS, args.overrides, args.out)
+    try:
+        summary = dpo(args.checkpoint, Source.parse(args.data), run, args.beta, args.reference, resume, args.stop_after)
+    finally:
+        shutdown()
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _resume(args: argparse.Namespace) -> bool | str:
+    """The --resume value; `--resume train.x=1` (argparse took the override as the value) means auto."""
+    if args.resume and "=" in args.resume:
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
+    return args.resume or False
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Resume and early-stop flags, as `codefoundry pretrain` has them; multi-GPU through torchrun."""
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
+                   help="continue the run in --out from its newest valid checkpoint (fresh if none), "
+                        "or from the named checkpoint directory")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], out: str | Path) -> int:
@@ -90,22 +115,26 @@ def run_test_pairs(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     s = subparsers.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens)",
-                              description="SFT. Train settings as overrides, e.g. train.lr=1e-4 train.max_steps=500")
+                              description="SFT. Train settings as overrides, e.g. train.lr=1e-4 train.max_steps=500. "
+                                          "Multi-GPU: torchrun --nproc-per-node N -m codefoundry.cli sft ...")
     s.add_argument("--checkpoint", required=True, help="checkpoint to fine-tune")
     s.add_argument("--data", action="append", required=True,
                    help="PATH.jsonl[@WEIGHT] or hf:NAME[:SPLIT][@WEIGHT] (repeatable; mixed by weight)")
     s.add_argument("--out", required=True, help="run directory (out/checkpoint, metrics.jsonl)")
     s.add_argument("overrides", nargs="*", help="train.field=value overrides")
+    _add_run_flags(s)
     s.set_defaults(func=run_sft)
 
     d = subparsers.add_parser("dpo", help="direct preference optimization on prompt/chosen/rejected pairs",
-                              description="DPO. Train settings as overrides, e.g. train.lr=1e-5 train.max_steps=200")
+                              description="DPO. Train settings as overrides, e.g. train.lr=1e-5 train.max_steps=200. "
+                                          "Multi-GPU: torchrun --nproc-per-node N -m codefoundry.cli dpo ...")
     d.add_argument("--checkpoint", required=True, help="checkpoint to train (usually after SFT)")
     d.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} (or hf:NAME)")
     d.add_argument("--out", required=True, help="run directory")
     d.add_argument("--reference", default=None, help="frozen reference checkpoint (default: --checkpoint)")
     d.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
     d.add_argument("overrides", nargs="*", help="train.field=value overrides")
+    _add_run_flags(d)
     d.set_defaults(func=run_dpo)
 
     b = subparsers.add_parser("sft-data", help="build post-training data without downloads")

@@ -8,28 +8,36 @@ replies. Loss per pair, with log-probabilities summed over the reply tokens only
 
 Logged: ``reward_margin`` (beta times the bracket, mean over pairs; 0 at the start) and
 ``reward_accuracy`` (the fraction of pairs where chosen out-scores rejected).
+
+Training runs on the pretraining engine (:mod:`codefoundry.train.engine`), with the pair as
+the unit: a step's loss is the mean over every pair of the global batch, however the pairs
+fall into micro-batches and ranks.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from codefoundry.checkpoint import load_model
-from codefoundry.config import TrainConfig
+from codefoundry.config import RunConfig
 from codefoundry.errors import UserError
-from codefoundry.post.loop import fit, save_result, setup
 from codefoundry.post.sft_data import Example, LoadReport, Source
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer.chat import ChatFormatError, render_chat
 from codefoundry.tokenizer.special import IGNORE_INDEX
+from codefoundry.train.distributed import DistInfo
+from codefoundry.train.engine import Runtime, Stage, train
+from codefoundry.train.objective import Forward
 
+# The DPO loss falls towards 0 and swings by more than 4x between batches, so the guard only catches NaN/inf.
 DPO_DEFAULTS: dict[str, Any] = {"lr": 2e-5, "max_steps": 200, "batch_size": 8, "seq_len": 1024,
-                                "schedule": "cosine", "warmup_steps": 10, "weight_decay": 0.0, "log_every": 10}
+                                "schedule": "cosine", "warmup_steps": 10, "weight_decay": 0.0, "log_every": 10,
+                                "spike_factor": 0.0}
 
 
 def render_pair(tok: CodeTokenizer, record: Any) -> tuple[Example, Example]:
@@ -89,75 +97,113 @@ def sequence_logprobs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return -nll.sum(dim=1)
 
 
-def dpo_loss(policy_c: torch.Tensor, policy_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean sigmoid DPO loss, per-pair reward margins)."""
-    margins = beta * ((policy_c - ref_c) - (policy_r - ref_r))
-    return -F.logsigmoid(margins).mean(), margins.detach()
+def dpo_margins(policy_c: torch.Tensor, policy_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+                beta: float) -> torch.Tensor:
+    """Per-pair reward margins ``beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))``; the loss is
+    ``-log sigmoid`` of them."""
+    return beta * ((policy_c - ref_c) - (policy_r - ref_r))
 
 
-def batches(pairs: list[tuple[Example, Example]], batch_size: int, seed: int) -> Iterator[list[tuple[Example, Example]]]:
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            more = list(range(len(pairs)))
-            rng.shuffle(more)
-            order += more
-        yield [pairs[i] for i in order[:batch_size]]
-        order = order[batch_size:]
+class PreferenceLoss:
+    """The DPO objective on batches of n chosen rows followed by their n rejected rows."""
+
+    def __init__(self, reference: torch.nn.Module, beta: float) -> None:
+        self.reference, self.beta = reference, beta
+
+    def units(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.full((), batch[0].shape[0] // 2, device=batch[0].device)
+
+    def tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
+    def loss(self, model: Forward, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        n = x.shape[0] // 2
+        pol = sequence_logprobs(model, x, y)
+        with torch.no_grad():
+            ref = sequence_logprobs(self.reference, x, y)
+        margins = dpo_margins(pol[:n], pol[n:], ref[:n], ref[n:], self.beta)
+        fixed = margins.detach()
+        return -F.logsigmoid(margins).sum(), {"reward_margin": fixed.sum(), "reward_accuracy": (fixed > 0).float().sum()}
+
+
+class PairBatches:
+    """The DPO batch source: pairs in a reshuffled order each epoch; the global batch is
+    ``batch_size * world_size`` pairs and rank r takes the r-th slice. Position: the RNG and
+    the rest of the current order."""
+
+    def __init__(self, pairs: list[tuple[Example, Example]], batch_size: int, seed: int, pad_id: int,
+                 info: DistInfo, device: torch.device) -> None:
+        self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
+        self.info, self.device = info, device
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        need = self.batch_size * self.info.world_size
+        while len(self.order) < need:
+            more = list(range(len(self.pairs)))
+            self.rng.shuffle(more)
+            self.order += more
+        lo = self.info.rank * self.batch_size
+        chunk = [self.pairs[i] for i in self.order[lo:lo + self.batch_size]]
+        self.order = self.order[need:]
+        return pad_batch([c for c, _ in chunk] + [r for _, r in chunk], self.pad_id, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
 
 
 @torch.no_grad()
 def evaluate_margins(policy: torch.nn.Module, ref: torch.nn.Module, pairs: list[tuple[Example, Example]],
                      beta: float, pad_id: int, device: torch.device, batch_size: int = 16) -> dict[str, float]:
     """Mean reward margin and accuracy of ``policy`` against ``ref`` on ``pairs``."""
+    was_training = policy.training
+    policy.eval()
     margins = []
     for lo in range(0, len(pairs), batch_size):
         chunk = pairs[lo:lo + batch_size]
         x, y = pad_batch([c for c, _ in chunk] + [r for _, r in chunk], pad_id, device)
         pol, rf = sequence_logprobs(policy, x, y), sequence_logprobs(ref, x, y)
         n = len(chunk)
-        margins.append(dpo_loss(pol[:n], pol[n:], rf[:n], rf[n:], beta)[1])
+        margins.append(dpo_margins(pol[:n], pol[n:], rf[:n], rf[n:], beta))
+    policy.train(was_training)
     m = torch.cat(margins)
     return {"reward_margin": m.mean().item(), "reward_accuracy": (m > 0).float().mean().item()}
 
 
-def dpo(checkpoint: str | Path, source: Source, out: str | Path, tc: TrainConfig, beta: float = 0.1,
-        reference: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
+def dpo(checkpoint: str | Path, source: Source, run: RunConfig, beta: float = 0.1,
+        reference: str | Path | None = None, resume: bool | str = False, stop_after: int | None = None,
+        show_progress: bool = True) -> dict[str, Any]:
     """Train ``checkpoint`` on preference pairs against a frozen ``reference`` (default: itself)."""
     if beta <= 0:
         raise UserError(f"--beta must be positive, got {beta}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rt = setup(tc)
-    policy, tok = load_model(checkpoint, rt.device)
-    ref, _ = load_model(reference or checkpoint, rt.device)
-    ref.requires_grad_(False)
-    if ref.cfg.vocab_size != policy.cfg.vocab_size:
-        raise UserError("the reference model's vocabulary differs from the policy's; use the same tokenizer")
-    seq_len = min(tc.seq_len, policy.cfg.max_seq_len)
+    tc = run.train
     report = LoadReport()
-    pairs = load_pairs(source, tok, seq_len, report)
-    if show_progress:
-        print(f"dpo data {source.location}: {report}")
-    if not pairs:
-        raise UserError(f"no usable preference pairs in {source.location} ({report})")
-    stream = batches(pairs, tc.batch_size, tc.seed)
 
-    def step_loss():
-        chunk = next(stream)
-        n = len(chunk)
-        x, y = pad_batch([c for c, _ in chunk] + [r for _, r in chunk], tok.eot_id, rt.device)
-        pol = sequence_logprobs(policy, x, y)
-        with torch.no_grad():
-            rf = sequence_logprobs(ref, x, y)
-        loss, margins = dpo_loss(pol[:n], pol[n:], rf[:n], rf[n:], beta)
-        return loss, {"reward_margin": margins.mean(), "reward_accuracy": (margins > 0).float().mean()}
+    def make_stage(rt: Runtime) -> Stage:
+        policy, tok = load_model(checkpoint, rt.device)
+        ref, _ = load_model(reference or checkpoint, rt.device)
+        ref.requires_grad_(False)
+        if ref.cfg.vocab_size != policy.cfg.vocab_size:
+            raise UserError("the reference model's vocabulary differs from the policy's; use the same tokenizer")
+        pairs = load_pairs(source, tok, min(tc.seq_len, policy.cfg.max_seq_len), report)
+        if show_progress and rt.info.is_main:
+            print(f"dpo data {source.location}: {report}")
+        if not pairs:
+            raise UserError(f"no usable preference pairs in {source.location} ({report})")
 
-    records = fit(policy, tc, rt, step_loss, out, "dpo", show_progress)
-    final = evaluate_margins(policy, ref, pairs, beta, tok.eot_id, rt.device)
-    extra = {"beta": beta, "reference": str(reference or checkpoint), "pairs": report.kept,
-             "skipped": dict(report.skipped), "train_set": final}
-    save_result(policy, checkpoint, out, records, extra)
-    return {"checkpoint": str(out / "checkpoint"), "final": records[-1], **extra}
+        def finish() -> dict[str, Any]:
+            return {"beta": beta, "source": str(checkpoint), "reference": str(reference or checkpoint),
+                    "pairs": report.kept, "skipped": dict(report.skipped),
+                    "train_set": evaluate_margins(policy, ref, pairs, beta, tok.eot_id, rt.device)}
+
+        return Stage("dpo", run, policy, PreferenceLoss(ref, beta),
+                     PairBatches(pairs, tc.batch_size, tc.seed, tok.eot_id, rt.info, rt.device),
+                     Path(checkpoint) / "tokenizer.json", finish=finish)
+
+    return train(run, make_stage, resume, stop_after, show_progress)

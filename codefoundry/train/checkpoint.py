@@ -8,10 +8,15 @@ The files of one checkpoint are read and written by :mod:`codefoundry.checkpoint
 
 Sharded (FSDP) runs add ``dcp/`` (torch.distributed.checkpoint: each rank's weights and
 optimizer shard) and still write a full ``model.safetensors`` for everything downstream.
+
+Every save ends with ``manifest.json``: the size and SHA-256 of each file in it. Resuming
+checks them and skips a checkpoint with a truncated, emptied, missing or altered file,
+naming it, for the next older one. Everything is written under the run's own ``out``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -76,6 +81,7 @@ class CheckpointManager:
             return None
         if resume not in (True, "auto"):
             path = Path(resume)
+            verify_manifest(path)
             return path, load_train_state(path)
         candidates = list(reversed(self.saved()))
         if not candidates and (self.latest_link / "train_state.pt").is_file():
@@ -83,6 +89,7 @@ class CheckpointManager:
         error: UserError | None = None
         for path in candidates:
             try:
+                verify_manifest(path)
                 return path, load_train_state(path)
             except UserError as exc:
                 error = exc
@@ -109,6 +116,7 @@ class CheckpointManager:
             plain = _plain_model(unwrap(model).cfg, weights) if weights is not None else model
             write_checkpoint_files(tmp, plain, tokenizer_json, preset, {**train_state, "sharded": self.info.sharded})
             (tmp / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+            write_manifest(tmp)
             replace_dir(tmp, final)
             _point(self.latest_link, final)
             if self.keep_best and val_loss is not None and (self.best_val is None or val_loss < self.best_val):
@@ -129,6 +137,49 @@ class CheckpointManager:
                 continue
             if p.name.startswith(".step_") or p.name.startswith("step_"):
                 shutil.rmtree(p)
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """Record the size and SHA-256 of every file under checkpoint directory ``path``."""
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify_manifest(path: Path) -> None:
+    """Raise a one-line UserError naming the first file of checkpoint ``path`` that is missing,
+    truncated or altered since it was saved. Checkpoints saved before manifests existed only
+    need a non-empty ``model.safetensors``."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        weights = path / "model.safetensors"
+        if not weights.is_file() or weights.stat().st_size == 0:
+            raise UserError(f"checkpoint {path}: model.safetensors is missing or empty")
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"checkpoint {path}: {MANIFEST} is corrupt") from None
+    for name, expect in files.items():
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"checkpoint {path}: {name} is missing")
+        size = f.stat().st_size
+        if size != expect["size"]:
+            raise UserError(f"checkpoint {path}: {name} is corrupt: {size} bytes where {expect['size']} were saved")
+        if _sha256(f) != expect["sha256"]:
+            raise UserError(f"checkpoint {path}: {name} is corrupt: its SHA-256 differs from the one saved")
 
 
 def _point(link: Path, target: Path) -> None:

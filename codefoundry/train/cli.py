@@ -45,10 +45,14 @@ def run_pretrain(args: argparse.Namespace) -> int:
         print(f"smoke test passed: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
               f"{result['tok_per_s']:,.0f} tokens/s")
         return 0
+    from codefoundry.train.distributed import shutdown
     from codefoundry.train.trainer import pretrain
 
     run = resolve_run(args)
-    summary = pretrain(run, resume=args.resume or False, stop_after=args.stop_after)
+    try:
+        summary = pretrain(run, resume=args.resume or False, stop_after=args.stop_after)
+    finally:
+        shutdown()
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -4,10 +4,16 @@ Launch with ``torchrun --nproc-per-node N -m codefoundry.cli pretrain ...``; tor
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is all this module reads.
 Without it everything here is a no-op, so single-process code paths stay unchanged.
 
-- DDP replicates the model and all-reduces gradients (NCCL on GPU, gloo on CPU).
+- DDP replicates the model and all-reduces gradients (NCCL on GPU, gloo on CPU). Buffers
+  are not re-broadcast every forward: the only trained buffers (MoE expert biases) are
+  updated identically on every rank from all-reduced loads, and per-rank load counters
+  must stay per-rank.
 - FSDP2 (``fully_shard`` per block, then the root) shards parameters, gradients and
-  optimizer state; its checkpoints go through ``torch.distributed.checkpoint`` (each rank
-  writes its shard) plus a gathered ``model.safetensors`` so eval/export read it as usual.
+  optimizer state; in bf16 it gathers bf16 parameters and reduces gradients in fp32. Its
+  checkpoints go through ``torch.distributed.checkpoint`` (each rank writes its shard)
+  plus a gathered ``model.safetensors`` so eval/export read it as usual.
+- Accumulated micro-batches synchronise gradients once, on the last one (DDP ``no_sync``;
+  FSDP2 keeps the parameters gathered and the gradients unreduced until then).
 """
 
 from __future__ import annotations
@@ -64,48 +70,53 @@ def rank_device(device: torch.device, info: DistInfo) -> torch.device:
     return device
 
 
-def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """DDP wrapper, or FSDP2 sharding applied in place (per block, then the root)."""
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """DDP wrapper, or FSDP2 sharding applied in place (per block, then the root).
+
+    FSDP2 reshards each block after its forward (memory) but not the root, whose parameters
+    the backward needs at once; with ``dtype`` bf16 it gathers bf16 parameters and reduces
+    gradients in fp32 (the master weights and optimizer state stay fp32).
+    """
     if info.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
     if info.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (info.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
+            else MixedPrecisionPolicy()
         for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
 
-def grad_sync(model: nn.Module, info: DistInfo, enabled: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
-    if info.mode == "ddp" and not enabled:
+def grad_sync(model: nn.Module, info: DistInfo, last: bool) -> contextlib.AbstractContextManager:
+    """Synchronise gradients only on the ``last`` micro-batch of an accumulated step.
+
+    DDP skips the all-reduce (``no_sync``); FSDP2 skips the reduce-scatter and keeps the
+    gathered parameters after backward, so the next micro-batch does not gather them again.
+    """
+    if info.mode == "ddp" and not last:
         return model.no_sync()
     if info.mode == "fsdp":
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
     return contextlib.nullcontext()
 
 
-def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of a scalar over ranks (gloo has no AVG op, so SUM / world)."""
+def sum_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of a tensor over ranks, on the device (no host sync)."""
     if info.world_size == 1:
         return value
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / info.world_size
-
-
-def any_across_ranks(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """True on every rank if any rank's flag is true, so all ranks take the same branch."""
-    if info.world_size == 1:
-        return flag
-    flag = flag.to(torch.float32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag > 0
+    return value
 
 
 def broadcast_int(value: int, info: DistInfo, device: torch.device) -> int:
@@ -153,6 +164,7 @@ def load_sharded(path: Path, model: nn.Module, optimizers: list[torch.optim.Opti
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.world_size > 1 and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group (called where a torchrun command ends); a no-op without one."""
+    if dist.is_initialized():
         dist.destroy_process_group()

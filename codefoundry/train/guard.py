@@ -2,10 +2,13 @@
 
 A step is unhealthy when its loss or gradient norm is not finite, or (after warm-up) its
 loss exceeds ``spike_factor`` times the running mean of recent healthy losses. The verdict
-is computed on the device and read as one scalar per step, the guard's only host sync
-(``train.nan_guard=false`` removes it). Every rank reaches the same verdict, so DDP/FSDP
-ranks never disagree about stepping. After ``max_skips`` consecutive skips training stops
-with a clear message: at that point the run needs a lower learning rate, not patience.
+is a device tensor that the optimizer applies on the device (see
+:meth:`codefoundry.train.optim.Optimizers.step`), so the guard never makes the host wait for
+the GPU; its counters are read only when the trainer logs. The loss and gradient norm it
+judges are global (summed over ranks before it sees them), so every rank reaches the same
+verdict without another collective. After ``max_skips`` consecutive skips training stops
+with a clear message at the next log step: the skipped steps changed nothing, and the run
+needs a lower learning rate, not patience.
 """
 
 from __future__ import annotations
@@ -15,48 +18,59 @@ from typing import Any
 import torch
 
 from codefoundry.errors import UserError
-from codefoundry.train.distributed import DistInfo, any_across_ranks
 
 EMA_WEIGHT = 0.05  # weight of the newest loss in the running mean (~20-step memory)
 
 
 class StepGuard:
     def __init__(self, enabled: bool, spike_factor: float, max_skips: int, warmup_steps: int,
-                 info: DistInfo | None = None) -> None:
+                 device: torch.device | str = "cpu") -> None:
         self.enabled, self.spike_factor, self.max_skips = enabled, spike_factor, max_skips
         self.warmup_steps = warmup_steps
-        self.info = info or DistInfo()
-        self.mean: torch.Tensor | None = None  # running mean of healthy losses (on the device)
-        self.consecutive = 0
-        self.skipped = 0
+        self.mean = torch.tensor(float("nan"), device=device)  # running mean of healthy losses (NaN: none yet)
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.worst = torch.zeros((), dtype=torch.int64, device=device)  # longest skip run since the last check
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
 
-    def healthy(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """Whether to apply this step's update; raises UserError after too many skips in a row."""
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor | None:
+        """The step's verdict as a 0-d bool tensor (True: skip it), or None when the guard is off."""
         if not self.enabled:
-            return True
+            return None
+        loss = loss.detach().float()
         bad = ~torch.isfinite(loss)
         if grad_norm is not None:
             bad |= ~torch.isfinite(grad_norm)
-        if self.spike_factor > 0 and self.mean is not None and step >= self.warmup_steps:
-            bad |= loss > self.spike_factor * self.mean
-        if bool(any_across_ranks(bad, self.info).item()):
-            self.consecutive += 1
-            self.skipped += 1
-            if self.consecutive >= self.max_skips:
-                raise UserError(f"{self.consecutive} consecutive steps had a non-finite or spiking loss "
-                                f"(last at step {step + 1}); lower train.lr or raise train.warmup_steps and "
-                                "resume from the last checkpoint")
-            return False
-        self.consecutive = 0
-        loss = loss.detach().float()
-        self.mean = loss.clone() if self.mean is None else torch.lerp(self.mean, loss, EMA_WEIGHT)
-        return True
+        if self.spike_factor > 0 and step >= self.warmup_steps:
+            bad |= loss > self.spike_factor * self.mean  # False while the mean is NaN
+        fresh = torch.where(torch.isnan(self.mean), loss, torch.lerp(self.mean, loss, EMA_WEIGHT))
+        self.mean = torch.where(bad, self.mean, fresh)
+        self.consecutive = torch.where(bad, self.consecutive + 1, 0)
+        self.worst = torch.maximum(self.worst, self.consecutive)
+        self.skipped_total += bad
+        return bad
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far (reads the device)."""
+        return int(self.skipped_total)
+
+    def raise_if_stuck(self, step: int) -> None:
+        """Stop the run if ``max_skips`` steps in a row were skipped since the last call (reads the device)."""
+        worst = int(self.worst)
+        self.worst = self.consecutive.clone()
+        if self.enabled and worst >= self.max_skips:
+            raise UserError(f"{worst} consecutive steps had a non-finite or spiking loss (up to step {step}); "
+                            "lower train.lr or raise train.warmup_steps and resume from the last checkpoint")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": None if self.mean is None else self.mean.item(),
-                "consecutive": self.consecutive, "skipped": self.skipped}
+        mean = float(self.mean)
+        return {"mean": None if mean != mean else mean, "consecutive": int(self.consecutive),
+                "skipped": self.skipped}
 
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.mean.device
         mean = state.get("mean")
-        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32, device=device)
-        self.consecutive, self.skipped = state.get("consecutive", 0), state.get("skipped", 0)
+        self.mean = torch.tensor(float("nan") if mean is None else mean, dtype=torch.float32, device=device)
+        self.consecutive = torch.tensor(state.get("consecutive", 0), device=device)
+        self.worst = self.consecutive.clone()
+        self.skipped_total = torch.tensor(state.get("skipped", 0), device=device)

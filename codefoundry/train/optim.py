@@ -3,6 +3,10 @@
 Groups: the embedding (its own learning-rate ratio), hidden 2-D matrices (weight decay),
 and everything 1-D (norm gains, biases: no decay). Each param group remembers its
 ``base_lr`` so the schedule can scale all of them by one factor.
+
+AdamW is the fused kernel (CPU and CUDA): one kernel per step, and it takes the NaN
+guard's verdict as a device tensor (``found_inf``, as ``torch.amp.GradScaler`` uses it),
+skipping the whole update, moments and step count included, without a host sync.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torch.nn as nn
 
 from codefoundry.config import TrainConfig
 from codefoundry.errors import UserError
+from codefoundry.train.distributed import DistInfo
+from codefoundry.train.muon import DistributedMuon
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -46,9 +52,19 @@ class Optimizers:
         for g in self.param_groups:
             g["lr"] = g["base_lr"] * factor
 
-    def step(self) -> None:
+    def step(self, skip: torch.Tensor | None = None) -> None:
+        """One update; ``skip`` (0-d bool device tensor, True: leave everything as it is) is applied on device."""
         for opt in self.optimizers:
-            opt.step()
+            if isinstance(opt, DistributedMuon):
+                opt.step(skip=skip)
+            elif skip is None:
+                opt.step()
+            else:
+                opt.grad_scale, opt.found_inf = None, skip.float()
+                try:
+                    opt.step()
+                finally:
+                    del opt.grad_scale, opt.found_inf
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -62,9 +78,11 @@ class Optimizers:
             opt.load_state_dict(state)
 
 
-def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> Optimizers:
+def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device,
+                    info: DistInfo | None = None) -> Optimizers:
+    """AdamW for everything, or Muon (its work split over ``info``'s ranks) for hidden matrices."""
     groups = param_groups(model)
-    fused = device.type == "cuda"
+    info = info or DistInfo()
     betas = (tc.beta1, tc.beta2)
     adam_groups = [
         {"params": groups["embed"], "lr": tc.lr * tc.embed_lr_ratio, "weight_decay": 0.0},
@@ -79,13 +97,13 @@ def build_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> 
             # measured 2.5x slower per step than AdamW for speedrun-cpu on an AVX2 machine.
             warnings.warn("train.optimizer=muon on CPU: its bf16 Newton-Schulz step is slow on CPUs without "
                           "native bf16; adamw is usually faster here", stacklevel=2)
-        muon = torch.optim.Muon(groups["matrix"], lr=tc.muon_lr, weight_decay=tc.weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
+        muon = DistributedMuon(groups["matrix"], info.world_size, info.rank, lr=tc.muon_lr,
+                               weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw")
         opts = [muon]
     else:
         raise UserError(f"train.optimizer={tc.optimizer!r}: use adamw or muon")
     adam_groups = [g for g in adam_groups if g["params"]]
-    opts.append(torch.optim.AdamW(adam_groups, betas=betas, fused=fused or None))
+    opts.append(torch.optim.AdamW(adam_groups, betas=betas, fused=True))
     for opt in opts:
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
