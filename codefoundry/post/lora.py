@@ -1,0 +1,156 @@
+"""LoRA fine-tuning through ``peft``: adapters on our model's linear layers, saved on their own, merged for export.
+
+``apply_lora`` injects peft's LoRA layers into our :class:`~codefoundry.model.Transformer` *in
+place* (``peft.inject_adapter_in_model``), so the result is still our model: the trainer, the
+KV cache, DDP and checkpoint unwrapping see the same object, and only the adapter weights
+require gradients. Target names are the transformers ones (``q_proj``, ``k_proj``, ``v_proj``,
+``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``), which our attention and MLP modules
+share, so a spec written for a Llama/Qwen recipe means the same layers here; ``all-linear``
+takes all seven. ``save_adapter`` writes the PEFT layout (``adapter_config.json`` +
+``adapter_model.safetensors``) holding only the adapter weights, under our module names;
+``merge_lora`` folds each adapter into its base weight with peft's own merge and hands back
+a plain Transformer that every export and loader takes unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from codefoundry.errors import UserError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER = "default"
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def parse_lora_spec(spec: str) -> LoraSpec:
+    """``"r=16,alpha=32,targets=q_proj,v_proj"`` -> LoraSpec; bare names after ``targets=`` extend the list."""
+    values: dict[str, list[str]] = {}
+    key = None
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" in part:
+            key, _, value = part.partition("=")
+            key = key.strip()
+            values[key] = [value.strip()]
+        elif key == "targets":
+            values[key].append(part)
+        else:
+            raise UserError(f"--lora {spec!r}: write key=value pairs, e.g. r=16,alpha=32,targets=q_proj,v_proj")
+    unknown = set(values) - {"r", "alpha", "dropout", "targets"}
+    if unknown:
+        raise UserError(f"--lora: unknown keys {sorted(unknown)} (known: r, alpha, dropout, targets)")
+    out = LoraSpec()
+    try:
+        if "r" in values:
+            out.r = int(values["r"][0])
+        out.alpha = float(values["alpha"][0]) if "alpha" in values else 2.0 * out.r
+        if "dropout" in values:
+            out.dropout = float(values["dropout"][0])
+    except ValueError:
+        raise UserError(f"--lora {spec!r}: r must be an integer, alpha and dropout numbers") from None
+    if "targets" in values:
+        out.targets = list(TARGETS) if values["targets"] == ["all-linear"] else values["targets"]
+    bad = [t for t in out.targets if t not in TARGETS]
+    if bad or out.r < 1 or not 0 <= out.dropout < 1:
+        raise UserError(f"--lora {spec!r}: r >= 1, 0 <= dropout < 1, targets among {', '.join(TARGETS)} "
+                        f"or all-linear{f' (not {bad})' if bad else ''}")
+    return out
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise UserError("LoRA needs peft: pip install 'codefoundry[post]'") from None
+    return peft
+
+
+def lora_config(spec: LoraSpec):
+    return _peft().LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                              target_modules=list(spec.targets), bias="none")
+
+
+def apply_lora(model: torch.nn.Module, spec: LoraSpec | str) -> torch.nn.Module:
+    """``model`` with LoRA adapters on the targeted linears; every other parameter frozen."""
+    spec = parse_lora_spec(spec) if isinstance(spec, str) else spec
+    peft = _peft()
+    try:
+        model = peft.inject_adapter_in_model(lora_config(spec), model, adapter_name=ADAPTER)
+    except ValueError as exc:  # peft: no module matched the targets
+        raise UserError(f"--lora targets {spec.targets} match no layer of this model ({exc})") from None
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    model.lora_spec = spec
+    return model
+
+
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def save_adapter(model: torch.nn.Module, out: str | Path) -> Path:
+    """The adapters alone, in PEFT's layout (adapter_config.json, adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    peft = _peft()
+    spec: LoraSpec | None = getattr(model, "lora_spec", None)
+    if spec is None or not lora_layers(model):
+        raise UserError("this model has no LoRA adapters to save; apply_lora first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = peft.get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+    lora_config(spec).save_pretrained(str(out))
+    return out
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """``model`` with the adapters saved in ``adapter_dir`` (its spec read from adapter_config.json)."""
+    from safetensors.torch import load_file
+
+    peft = _peft()
+    adapter_dir = Path(adapter_dir)
+    try:
+        raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{adapter_dir} is not a LoRA adapter directory ({exc.__class__.__name__}); "
+                        "save one with save_adapter") from None
+    spec = LoraSpec(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                    targets=sorted(raw["target_modules"]))
+    model = apply_lora(model, spec)
+    try:
+        result = peft.set_peft_model_state_dict(model, weights, adapter_name=ADAPTER)
+    except RuntimeError as exc:  # size mismatch: an adapter trained on another architecture
+        raise UserError(f"adapter {adapter_dir} does not fit this model ({str(exc).splitlines()[-1].strip()})") from None
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"adapter {adapter_dir} does not fit this model (e.g. {unexpected[0]})")
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain model: each adapter folded into its base weight (W + alpha/r * B A), LoRA layers removed."""
+    for name, layer in lora_layers(model):
+        layer.merge(adapter_names=[ADAPTER])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+    if hasattr(model, "lora_spec"):
+        del model.lora_spec
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
