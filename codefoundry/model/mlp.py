@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from codefoundry.config import ModelConfig
 
@@ -41,4 +42,4 @@ class MLP(nn.Module):
         if self.kind != "smooth_swiglu":
             return self.down_proj(h)
         scale = h.detach().flatten(0, -2).abs().amax(dim=0).clamp(min=1e-6)  # per channel
-        return F.linear(h / scale, self.down_proj.weight * scale, self.down_proj.bias)
+        return functional_call(self.down_proj, {"weight": self.down_proj.weight * scale}, (h / scale,))
