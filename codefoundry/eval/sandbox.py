@@ -17,10 +17,17 @@ program. What isolation holds depends on what the OS grants, probed once per
 
 RLIMIT_NPROC counts every process of the sandbox uid, so concurrent programs share it: a
 fork bomb in one can make another's fork fail (benchmark programs do not fork).
+
+A :class:`CheckedProgram` (what scoring uses) is judged by a separate checker process that
+runs the test and talks to the program over a pipe, so a program built to cheat cannot
+forge its verdict; :meth:`Sandbox.verdict_integrity` lists which guarantees hold on this
+host. A plain program string is judged by its own process (it passes if it runs to the
+end), which contains damage but can be forged.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,10 +47,6 @@ log = logging.getLogger(__name__)
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
 NOBODY = 65534
-# Imports modules the launcher has not loaded (an extension module, a pure module, and a
-# submodule of a loaded package): each needs the interpreter's library directories to be
-# readable by the sandbox uid.
-PROBE_PROGRAM = "import cmath, colorsys, json.tool\n"
 MB = 1 << 20
 # Extra wall-clock time a launcher gets beyond the program's own deadline (start-up,
 # namespace set-up) before we treat the sandbox itself as broken.
@@ -68,10 +71,33 @@ class SandboxLimits:
 
 
 @dataclass(frozen=True)
+class CheckedProgram:
+    """A program split so that the code under test never meets its test.
+
+    ``code`` (the answer's module) runs alone in the untrusted process. The checker runs
+    ``prelude`` (the benchmark's own definitions the test relies on, e.g. a prompt's helper
+    functions), binds the names the program defined over it, then runs ``test``; the
+    program's functions are called across the process boundary.
+    """
+
+    code: str
+    prelude: str
+    test: str
+
+
+# Imports modules the launcher has not loaded (an extension module, a pure module, and a
+# submodule of a loaded package): each needs the interpreter's library directories to be
+# readable by the sandbox uid. The test exercises the checker's calls and values.
+PROBE_PROGRAM = CheckedProgram(code="import cmath, colorsys, json.tool\ndef f(x):\n    return [x, (x,), {x}]\n",
+                               prelude="import math\n", test="assert f(math.pi) == [math.pi, (math.pi,), {math.pi}]\n")
+
+
+@dataclass(frozen=True)
 class ExecResult:
     """Outcome of one program. ``error`` is None when it ran to the end without raising,
     else one of: syntax, assertion, exception, memory, timeout, exit (SystemExit or exited
-    early), crash (killed by a signal), setup (the sandbox could not lock it down)."""
+    early), crash (killed by a signal), setup (the sandbox could not lock it down), protocol
+    (the program's process sent the checker something malformed: a program built to cheat)."""
 
     error: str | None
     detail: str
@@ -110,6 +136,16 @@ class Sandbox:
             held.append("private temporary directory")
         return held
 
+    def verdict_integrity(self) -> dict[str, bool]:
+        """Which guarantees protect a checked program's verdict against a program built to cheat."""
+        return {
+            "the verdict comes from a checker process; the program's own process never reports it": True,
+            "the test runs only in the checker: the program cannot read it, trace it or replace check()": True,
+            "results cross as plain data rebuilt by the checker: a forged __eq__ is never called": True,
+            "the program runs under another uid, so it cannot signal, trace or write to the checker": self.root,
+            "the program cannot modify the evaluator's files (including this harness)": self.root,
+        }
+
     def _probe(self, namespaces: bool | None) -> bool:
         """Use namespaces when allowed; either way check that a program can run and import."""
         probe = None
@@ -131,9 +167,10 @@ class Sandbox:
             raise SandboxError(f"sandbox self-test failed ({probe.error}: {probe.detail}){hint}")
         return namespaces
 
-    def _launch(self, code: str, namespaces: bool) -> ExecResult:
+    def _launch(self, program: str | CheckedProgram, namespaces: bool) -> ExecResult:
         lim = self.limits
-        job = {"code": code, "timeout": lim.timeout, "memory_bytes": lim.memory_mb * MB,
+        checked = isinstance(program, CheckedProgram)
+        job = {"code": program.code if checked else program, "checked": checked, "timeout": lim.timeout, "memory_bytes": lim.memory_mb * MB,
                "max_procs": lim.max_procs, "file_bytes": lim.file_mb * MB, "tmpfs_bytes": lim.tmpfs_mb * MB,
                "uid": NOBODY if self.root else None, "gid": NOBODY if self.root else None,
                "namespaces": namespaces}
@@ -142,7 +179,8 @@ class Sandbox:
         except queue.Empty:
             server = _Server()
         try:
-            report = server.request(job, lim.timeout + LAUNCHER_GRACE_S)
+            tests = {"prelude": program.prelude, "test": program.test} if checked else None
+            report = server.request(job, tests, lim.timeout + LAUNCHER_GRACE_S)
         except BaseException:
             server.close()
             raise
@@ -151,11 +189,11 @@ class Sandbox:
             raise SandboxError(f"sandbox set-up failed: {report['detail']}")
         return ExecResult(report["error"], report["detail"], report["duration"])
 
-    def run(self, code: str) -> ExecResult:
+    def run(self, program: str | CheckedProgram) -> ExecResult:
         """Run one program and return how it ended."""
-        return self._launch(code, self.namespaces)
+        return self._launch(program, self.namespaces)
 
-    def run_many(self, programs: Iterable[str]) -> Iterator[tuple[int, ExecResult]]:
+    def run_many(self, programs: Iterable[str | CheckedProgram]) -> Iterator[tuple[int, ExecResult]]:
         """Run programs ``workers`` at a time; yield (index, result) in completion order."""
         with ThreadPoolExecutor(self.workers) as pool:
             futures = {pool.submit(self.run, code): i for i, code in enumerate(programs)}
@@ -167,7 +205,8 @@ class Sandbox:
                     future.cancel()
 
     def describe(self) -> dict:
-        return {"isolation": self.isolation, "workers": self.workers, **asdict(self.limits)}
+        return {"isolation": self.isolation, "verdict_integrity": self.verdict_integrity(), "workers": self.workers,
+                **asdict(self.limits)}
 
     def close(self) -> None:
         """Stop the launcher servers (also done at garbage collection, and they exit by
@@ -194,13 +233,14 @@ class _Server:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-I", str(LAUNCHER)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd="/",
-                                     env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+                                     stdout=subprocess.PIPE, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
 
-    def request(self, job: dict, timeout: float) -> dict:
+    def request(self, job: dict, tests: dict | None, timeout: float) -> dict:
+        """Send a job (and a checked job's tests, as a second frame) and wait for its report."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        frames = [json.dumps(job).encode()] + ([json.dumps(tests).encode()] if tests is not None else [])
         try:
-            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.write(b"".join(b"%d\n%s" % (len(f), f) for f in frames))
             self.proc.stdin.flush()
         except BrokenPipeError as exc:
             raise SandboxError(f"sandbox launcher died (exit {self.proc.poll()})") from exc
@@ -218,3 +258,27 @@ class _Server:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+@functools.cache
+def namespaces_available() -> str | None:
+    """None when commands can run in the sandbox's namespaces here, else why not (probed once)."""
+    if os.geteuid() != 0:
+        return "not running as root"
+    status_r, status_w = os.pipe()
+    job = {"command": "true", "workspace": "/", "timeout": 10.0, "sandbox": True, "memory_bytes": 1 << 30,
+           "tmpfs_bytes": 1 << 20, "file_bytes": 1 << 20, "status_fd": status_w}
+    try:
+        proc = subprocess.run([sys.executable, "-I", str(LAUNCHER), "--command", json.dumps(job)], cwd="/",
+                              stdin=subprocess.DEVNULL, capture_output=True, pass_fds=(status_w,), timeout=30)
+    except subprocess.TimeoutExpired:
+        return "the namespace probe did not finish"
+    finally:
+        os.close(status_w)
+    with os.fdopen(status_r, "rb") as f:
+        report = f.read()
+    try:
+        status = json.loads(report)
+    except ValueError:
+        return f"the namespace probe failed (exit {proc.returncode})"
+    return None if status.get("exit_code") == 0 else f"namespaces unavailable: {status.get('error', status)}"

@@ -1,7 +1,9 @@
 """Score completions against a benchmark in the sandbox.
 
 Input is the official harnesses' samples format, one ``{"task_id", "completion"}`` per line,
-so any model's outputs can be checked. Output is a per-sample JSONL (sample index,
+so any model's outputs can be checked. Each program is split (:func:`checked_program`) so
+that its test runs in a checker process the completion cannot reach; the summary lists
+which guarantees of that hold on this host. Output is a per-sample JSONL (sample index,
 task_id, completion, passed, error kind, detail, duration), a summary JSON and a short
 markdown table. Each result is appended and flushed as soon as its program finishes, and
 a rerun with the same output skips samples already scored, so an interrupted run loses
@@ -10,6 +12,8 @@ nothing.
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import os
 import time
@@ -20,7 +24,7 @@ from pathlib import Path
 from codefoundry.errors import UserError
 from codefoundry.eval.benchmarks import Problem, get_benchmark, load_problems, read_records
 from codefoundry.eval.passk import mean_pass_at_k
-from codefoundry.eval.sandbox import Sandbox, SandboxLimits
+from codefoundry.eval.sandbox import CheckedProgram, Sandbox, SandboxLimits
 from codefoundry.progress import Progress
 
 DEFAULT_KS = (1, 10, 100)
@@ -39,11 +43,41 @@ def read_samples(path: str | Path) -> list[dict]:
     return samples
 
 
+@functools.cache
+def trusted_prelude(problem: Problem) -> str:
+    """The top-level statements of the reference program (head + canonical + suffix) that lie
+    wholly outside the part a completion writes: the prompt's imports and helper functions,
+    which the test may use. Statements the completion writes or finishes (the entry point,
+    all of an MBPP answer) are left to the program."""
+    reference = problem.head + problem.canonical + (problem.suffix or "")
+    lines = reference.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    answer_start, answer_end = len(problem.head), len(problem.head) + len(problem.canonical)
+    kept = []
+    for node in ast.parse(reference).body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        start, end = offsets[first - 1], offsets[node.end_lineno]
+        if end < answer_start or start > answer_end:
+            kept.append(reference[start:end].rstrip("\n") + "\n")
+    return "".join(kept)
+
+
+def checked_program(problem: Problem, completion: str) -> CheckedProgram:
+    """The reference harness's program for ``completion`` (``problem.program``), split into the
+    completion's module, the trusted prelude and the test."""
+    suffix = problem.suffix or ""
+    assert problem.tail.startswith(suffix)
+    return CheckedProgram(code=problem.head + completion + suffix, prelude=trusted_prelude(problem),
+                          test=problem.tail[len(suffix):])
+
+
 def check_samples(problems: dict[str, Problem], indexed: Iterable[tuple[int, dict]],
                   sandbox: Sandbox) -> Iterator[dict]:
     """Run each (index, sample)'s program; yield result records as programs finish."""
     indexed = list(indexed)
-    programs = (problems[s["task_id"]].program(s["completion"]) for _, s in indexed)
+    programs = (checked_program(problems[s["task_id"]], s["completion"]) for _, s in indexed)
     for j, result in sandbox.run_many(programs):
         index, sample = indexed[j]
         yield {"sample": index, "task_id": sample["task_id"], "completion": sample["completion"],
@@ -80,6 +114,9 @@ def markdown(summary: dict) -> str:
         lines += ["", f"{summary['tasks_without_samples']} tasks had no samples and are not counted."]
     if "sandbox" in summary:
         lines += ["", "Sandbox: " + "; ".join(summary["sandbox"]["isolation"]) + "."]
+        integrity = summary["sandbox"].get("verdict_integrity", {})
+        lines += ["", "Verdict integrity against programs built to cheat:"]
+        lines += [f"- {'holds' if held else 'does NOT hold'}: {what}" for what, held in integrity.items()]
     return "\n".join(lines) + "\n"
 
 
