@@ -80,7 +80,7 @@ def write_report(out: Path, results: dict[str, Any], samples: list[tuple[str, st
 
 def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path | None, overrides: list[str],
              vocab_size: int, tokenizer_mb: float, val_fraction: float, fim_rate: float = 0.0,
-             n_samples: int = 4) -> dict[str, Any]:
+             n_samples: int = 4, preset: str | None = None) -> dict[str, Any]:
     # Imported here, not at the top: `codefoundry --help` should not pay for torch and datatrove.
     silence_tqdm()
     from codefoundry.checkpoint import load_model
@@ -112,7 +112,7 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
 
     t = time.perf_counter()
     print(f"[3/5] pretrain: {minutes:g} minute budget", flush=True)
-    run = build_run_config(None, recipe, [*overrides, f"train.data={out / 'data'}", f"train.out={out / 'run'}",
+    run = build_run_config(preset, recipe, [*overrides, f"train.data={out / 'data'}", f"train.out={out / 'run'}",
                                           f"train.minutes={minutes}"])
     summary = pretrain(run)
     timings["pretrain"] = time.perf_counter() - t
@@ -144,25 +144,52 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
 
 
 def run_speedrun(args: argparse.Namespace) -> int:
+    from codefoundry.recipes import build_run_config, find_recipe
+
+    recipe = find_recipe(args.config) if args.config else RECIPES / "speedrun.yaml"
+    if build_run_config(args.preset, recipe, args.overrides).data.sources:  # a reference run: the GPU pipeline
+        from codefoundry.speedrun_recipe import full_speedrun, options_from_args
+
+        full_speedrun(options_from_args(args, recipe))
+        return 0
     sources = [Path(s) for s in args.source] or [stdlib_root()]
-    recipe = args.config or (RECIPES / "speedrun.yaml")
-    if not Path(recipe).is_file():
-        raise UserError(f"recipe {recipe} not found; pass --config PATH")
-    speedrun(Path(args.out), sources, args.minutes, recipe, args.overrides, args.vocab_size, args.tokenizer_mb,
-             args.val_fraction, args.fim_rate)
+    speedrun(Path(args.out), sources, 12.0 if args.minutes is None else args.minutes, recipe, args.overrides,
+             args.vocab_size or 4096, args.tokenizer_mb, args.val_fraction, args.fim_rate, preset=args.preset)
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("speedrun", help="the whole pipeline: raw code to a trained model and a report")
-    p.add_argument("--source", action="append", default=[], help="folder of code (repeatable; default: stdlib)")
+    p = subparsers.add_parser("speedrun", help="the whole pipeline: raw code to a trained model and a report",
+                              description="Without --recipe: the 15-minute CPU run on local code. With a reference "
+                                          "recipe (e.g. --recipe nanocode; torchrun-aware): hub corpus download, "
+                                          "tokenizer, shards, pretraining, HumanEval + MBPP pass@k, SFT on the hub "
+                                          "mix, pass@k again, an agent demo, and a report with time and cost.")
+    p.add_argument("--source", action="append", default=[],
+                   help="folder or file of code (repeatable; default: stdlib, or the recipe's hub corpus)")
     p.add_argument("--out", default="runs/speedrun", help="output directory")
-    p.add_argument("--minutes", type=float, default=12.0, help="training budget in minutes")
-    p.add_argument("--config", default=None, help="YAML recipe (default: configs/speedrun.yaml)")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training budget in minutes (default: 12 for the CPU run; the recipe's steps otherwise)")
+    p.add_argument("--config", "--recipe", dest="config", default=None,
+                   help="recipe name in configs/ or YAML path (default: configs/speedrun.yaml)")
+    p.add_argument("--preset", default=None, help="model preset instead of the recipe's (e.g. its -tiny twin)")
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: the recipe's, else 4096)")
     p.add_argument("--tokenizer-mb", type=float, default=0, help="MB of code to train the tokenizer on (0 = all)")
     p.add_argument("--val-fraction", type=float, default=0.04)
     p.add_argument("--fim-rate", type=float, default=0.0,
                    help="fill-in-the-middle rate for the training split (0 spends the short budget on left-to-right)")
+    g = p.add_argument_group("reference-recipe runs (--recipe nanocode ...)")
+    g.add_argument("--max-gb", type=float, default=None, help="download at most this much of the hub corpus")
+    g.add_argument("--hub-mirror", action="append", default=[], metavar="hub:NAME=DIR",
+                   help="read a hub corpus from a local folder in the hub's layout instead of the hub")
+    g.add_argument("--sft-source", action="append", default=[], metavar="hub:NAME[=PATH][@WEIGHT]",
+                   help="replace one SFT mix component (e.g. a local parquet copy), or add a JSONL source")
+    g.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default 1000)")
+    g.add_argument("--tool-conversations", type=int, default=500, help="synthetic tool-use conversations in the mix")
+    g.add_argument("--bench-data", default=None, help="folder with HumanEval.jsonl.gz / mbpp.jsonl (default: download)")
+    g.add_argument("--eval-limit", type=int, default=None, help="only the first N tasks of each benchmark")
+    g.add_argument("--eval-n", type=int, default=10, help="samples per task for pass@k")
+    g.add_argument("--eval-temperature", type=float, default=0.8)
+    g.add_argument("--eval-max-new-tokens", type=int, default=384)
+    g.add_argument("--usd-per-gpu-hour", type=float, default=2.5, help="price the report's cost is computed at")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")
     p.set_defaults(func=run_speedrun)

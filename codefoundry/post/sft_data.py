@@ -6,9 +6,13 @@ Formats (detected per record):
 * ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]}``;
 * Alpaca ``{"instruction", "input"?, "output"}``.
 
-Sources are ``PATH.jsonl`` or ``hf:NAME[:SPLIT]`` (Hugging Face ``datasets``, online, the
-``post`` extra), each with an optional ``@WEIGHT``. Records that cannot be used are skipped
-and counted by reason, never silently dropped.
+Sources are ``PATH.jsonl``, ``hf:NAME[:SPLIT]`` (Hugging Face ``datasets``, online, the
+``post`` extra) or a named hub mix component ``hub:NAME`` (:data:`HUB_SFT`: CodeAlpaca,
+Code-Feedback, GSM8K), each with an optional ``@WEIGHT``. A hub component is read from the
+hub's parquet files in their own column layout, straight through ``hf://`` (huggingface_hub,
+no ``datasets`` needed); ``hub:NAME=PATH`` reads a local copy in the same layout (a parquet
+file or a folder of them). Records that cannot be used are skipped and counted by reason,
+never silently dropped: a hub file without the dataset's columns is counted with all its rows.
 
 Packing: rendered conversations are laid end to end in rows of ``seq_len`` tokens. Each
 conversation starts with the EOT token and the model runs with document masking on
@@ -24,7 +28,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -66,6 +70,102 @@ def to_messages(record: Any) -> Messages:
     raise ChatFormatError("record has none of 'messages', 'conversations', 'instruction'+'output'")
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """Rows a reader could not use, passed down the stream so the load report counts them."""
+
+    reason: str
+    rows: int = 1
+
+
+def _gsm8k(row: dict[str, Any]) -> Messages:
+    """GSM8K's answer is the worked solution then ``#### N``; the reply keeps both, in words."""
+    work, _, final = str(row["answer"]).rpartition("####")
+    reply = f"{work.strip()}\nThe answer is {final.strip()}." if work else str(row["answer"])
+    return [{"role": "user", "content": str(row["question"])}, {"role": "assistant", "content": reply}]
+
+
+def _alpaca(row: dict[str, Any]) -> Messages:
+    return to_messages({k: row[k] for k in ("instruction", "input", "output")})
+
+
+def _messages(row: dict[str, Any]) -> Messages:
+    return to_messages({"messages": row["messages"]})
+
+
+@dataclass(frozen=True)
+class HubSFT:
+    """A chat dataset on the hub: its parquet files (the hub's ``refs/convert/parquet`` branch,
+    ``CONFIG/SPLIT/NNNN.parquet``), the columns it must have, and how a row becomes messages."""
+
+    repo: str
+    config: str
+    split: str
+    columns: tuple[str, ...]
+    convert: Callable[[dict[str, Any]], Messages]
+
+    def hub_folder(self) -> str:
+        return f"datasets/{self.repo}@refs%2Fconvert%2Fparquet/{self.config}/{self.split}"
+
+
+HUB_SFT: dict[str, HubSFT] = {
+    # 20k instruction/input/output code tasks (Chaudhary 2023)
+    "codealpaca": HubSFT("sahil2801/CodeAlpaca-20k", "default", "train", ("instruction", "input", "output"), _alpaca),
+    # 66k multi-turn code conversations with execution feedback: id, messages[{role, content}]
+    "code-feedback": HubSFT("m-a-p/Code-Feedback", "default", "train", ("messages",), _messages),
+    # 7.5k grade-school maths word problems: question, answer ("... #### 72")
+    "gsm8k": HubSFT("openai/gsm8k", "main", "train", ("question", "answer"), _gsm8k),
+}
+
+
+def hub_records(name: str, local: str | None = None, fs: Any = None) -> Iterator[Any]:
+    """Records (OpenAI messages) of a :data:`HUB_SFT` dataset, from the hub or a local copy in its
+    layout; rows and files that do not fit the dataset's columns come as :class:`Skipped`."""
+    import pyarrow.parquet as pq
+
+    if name not in HUB_SFT:
+        raise UserError(f"unknown hub SFT dataset {name!r}; use one of: {', '.join(HUB_SFT)}")
+    spec = HUB_SFT[name]
+    if local is not None:
+        root = Path(local)
+        if not root.exists():
+            raise UserError(f"hub:{name}={local}: no such file or folder (give a parquet file in the hub's layout)")
+        files = [str(root)] if root.is_file() else sorted(str(p) for p in root.rglob("*.parquet"))
+        opener = open
+    else:
+        if fs is None:
+            from codefoundry.data.hub_corpus import default_fs
+
+            fs = default_fs()
+        try:
+            files = sorted(fs.glob(f"{spec.hub_folder()}/*.parquet"))
+        except (FileNotFoundError, OSError) as exc:
+            raise UserError(f"cannot list {spec.repo} on the hub ({type(exc).__name__}: {exc})") from None
+        opener = fs.open
+    usable = 0
+    found: set[str] = set()
+    for path in files:
+        with opener(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in spec.columns if c not in names]
+            if missing:
+                found |= names
+                yield Skipped(f"{name}: missing columns {', '.join(missing)}", pf.metadata.num_rows)
+                continue
+            usable += 1
+            for batch in pf.iter_batches(columns=list(spec.columns)):
+                for row in batch.to_pylist():
+                    try:
+                        yield {"messages": spec.convert(row)}
+                    except (ChatFormatError, TypeError, KeyError):
+                        yield Skipped(f"{name}: malformed row")
+    if not usable:
+        have = f" (the files have {', '.join(sorted(found))})" if found else ""
+        raise UserError(f"hub:{name}: no parquet file with the columns {', '.join(spec.columns)}{have} "
+                        f"in {local or spec.repo}")
+
+
 @dataclass
 class Source:
     """Where conversations come from, and how often the mixture draws from it."""
@@ -75,7 +175,7 @@ class Source:
 
     @classmethod
     def parse(cls, spec: str) -> "Source":
-        """``PATH[@WEIGHT]`` or ``hf:NAME[:SPLIT][@WEIGHT]``."""
+        """``PATH[@WEIGHT]``, ``hf:NAME[:SPLIT][@WEIGHT]``, or ``hub:NAME[=LOCAL_PATH][@WEIGHT]``."""
         location, _, weight = spec.rpartition("@") if "@" in spec else (spec, "", "")
         try:
             w = float(weight) if weight else 1.0
@@ -87,6 +187,10 @@ class Source:
 
     def records(self) -> Iterator[Any]:
         """Raw records; a line that is not JSON yields the string ``"<bad json>"`` so it gets counted."""
+        if self.location.startswith("hub:"):
+            name, _, local = self.location[4:].partition("=")
+            yield from hub_records(name, local or None)
+            return
         if self.location.startswith("hf:"):
             yield from _hf_records(self.location[3:])
             return
@@ -140,6 +244,9 @@ def render_examples(records: Iterable[Any], tok: CodeTokenizer, seq_len: int,
     report = report if report is not None else LoadReport()
     out = []
     for record in records:
+        if isinstance(record, Skipped):
+            report.skipped[record.reason] += record.rows
+            continue
         try:
             rendered = render_chat(tok, to_messages(record))
         except ChatFormatError:
