@@ -4,8 +4,12 @@ preference pairs built from executed tests."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 from helpers_post import make_checkpoint, tiny_checkpoint
 
 from codefoundry.checkpoint import load_model
@@ -14,6 +18,7 @@ from codefoundry.post.dpo import DPO_DEFAULTS, dpo, evaluate_margins, load_pairs
 from codefoundry.post.finetune import finetune_config
 from codefoundry.post.sft_data import LoadReport, Source
 from codefoundry.tokenizer.chat import render_chat
+from codefoundry.train.metrics import read_metrics
 
 PAIRS = [
     {"prompt": "sum of a list", "chosen": "return sum(xs)", "rejected": "return max(xs)"},
@@ -63,3 +68,37 @@ def test_preference_pairs_from_executed_tests():
     for p in pairs:
         assert len("\n" + p["chosen"] + "\n\n") % 2 == 0  # x as the program builds it
         assert p["chosen"] != p["rejected"] and p["source"] == "parity"
+
+
+def _dpo_rank(rank, world, port, ckpt, data, run):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from codefoundry.train.distributed import shutdown
+
+    dpo(ckpt, Source(str(data)), run, beta=0.1, show_progress=False)
+    shutdown()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dpo_on_two_ranks_matches_one_process(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    ckpt = make_checkpoint(tmp_path / "base", seed=1)
+
+    def run(out, batch):
+        return finetune_config(ckpt, DPO_DEFAULTS, ["train.lr=2e-3", "train.max_steps=4", f"train.batch_size={batch}",
+                                                    "train.warmup_steps=0", "train.log_every=1", "train.device=cpu"],
+                               out)
+    dpo(ckpt, Source(str(data)), run(tmp_path / "one", 4), beta=0.1, show_progress=False)
+    mp.start_processes(_dpo_rank, args=(2, _free_port(), ckpt, data, run(tmp_path / "two", 2)), nprocs=2,
+                       start_method="spawn")
+    one, two = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert len(two) == 4
+    for key in ("loss", "reward_margin", "reward_accuracy"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=2e-4, abs=1e-6), key

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections import Counter
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers_post import make_checkpoint
 
 from codefoundry.checkpoint import load_model
+from codefoundry.cli import main
 from codefoundry.infer.engine import Request, SamplingParams, run_batch
 from codefoundry.post.finetune import finetune_config
 from codefoundry.post.sft import SFT_DEFAULTS, sft
@@ -22,6 +27,7 @@ from codefoundry.post.sft_data import (
 )
 from codefoundry.tokenizer import special as sp
 from codefoundry.tokenizer.chat import render_chat
+from codefoundry.train.metrics import read_metrics
 
 PAIRS = [("add two numbers", "def add(a, b):\n    return a + b"),
          ("reverse a list", "def rev(xs):\n    return xs[::-1]"),
@@ -80,3 +86,57 @@ def test_sft_lowers_loss_and_follows_template(tmp_path):
         req = Request(prompt, SamplingParams(max_tokens=40, stop_ids={s[sp.ASSISTANT_END], tok.eot_id}))
         run_batch(model, tok, [req])
         assert req.finish_token == s[sp.ASSISTANT_END] and req.text == a
+
+
+def _sft_rank(rank, world, port, ckpt, sources, run):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from codefoundry.train.distributed import shutdown
+
+    sft(ckpt, sources, run, show_progress=False)
+    shutdown()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sft_run(ckpt, out, batch, parallel="ddp", steps=4):
+    return finetune_config(ckpt, SFT_DEFAULTS, [f"train.max_steps={steps}", f"train.batch_size={batch}",
+                                                "train.seq_len=64", "train.warmup_steps=1", "train.log_every=1",
+                                                "train.lr=3e-3", "train.device=cpu", f"train.parallel={parallel}"],
+                           out)
+
+
+def _logged(out, key="loss"):
+    return [r[key] for r in read_metrics(out / "metrics.jsonl") if key in r]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sft_on_two_ranks_matches_one_process(tmp_path, parallel):
+    """Every assistant token weighs the same across ranks: 2 x 2 rows give the 4-row losses (masked
+    targets differ per rank, so a per-rank mean would not)."""
+    ckpt = make_checkpoint(tmp_path / "base")
+    sources = write_data(tmp_path)
+    sft(ckpt, sources, _sft_run(ckpt, tmp_path / "one", 4), show_progress=False)
+    mp.start_processes(_sft_rank, args=(2, _free_port(), ckpt, sources, _sft_run(ckpt, tmp_path / "two", 2, parallel)),
+                       nprocs=2, start_method="spawn")
+    assert _logged(tmp_path / "two") == pytest.approx(_logged(tmp_path / "one"), rel=2e-4)
+    assert len(_logged(tmp_path / "two")) == 4
+
+
+def test_killed_sft_resumes_with_the_same_curve(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "base", dropout=0.1)  # dropout: the RNG state is part of the resume
+    data = write_data(tmp_path)
+    args = ["--checkpoint", str(ckpt), *[a for s in data for a in ("--data", f"{s.location}@{s.weight}")],
+            "train.max_steps=8", "train.batch_size=2", "train.seq_len=64", "train.log_every=1", "train.warmup_steps=2",
+            "train.device=cpu", "train.save_every=3"]
+    assert main(["sft", "--out", str(tmp_path / "straight"), *args]) == 0
+    assert main(["sft", "--out", str(tmp_path / "split"), "--stop-after", "5", *args]) == 0
+    assert len(_logged(tmp_path / "split")) == 5
+    assert main(["sft", "--out", str(tmp_path / "split"), "--resume", *args]) == 0
+    assert _logged(tmp_path / "split") == _logged(tmp_path / "straight")  # bit-identical, step for step
+    assert len(_logged(tmp_path / "straight")) == 8
