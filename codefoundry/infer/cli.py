@@ -107,6 +107,9 @@ def register(subparsers) -> None:
     a.add_argument("--yes", action="store_true", help="run commands without asking for confirmation")
     a.add_argument("--max-steps", type=int, default=20, help="tool calls before the agent is stopped")
     a.add_argument("--command-timeout", type=float, default=30.0, help="seconds per command")
+    a.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=None,
+                   help="run commands in the sandbox: only the workspace writable, no network, rlimits "
+                        "(default: where the host allows it)")
     a.set_defaults(func=run_agent)
 
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (+ /infill) with request batching")
@@ -163,7 +166,7 @@ def run_agent(args: argparse.Namespace) -> int:
             print(f"\n[{kind}] {text}", flush=True)
 
     try:
-        workspace = Workspace(args.workspace, ToolLimits(timeout_s=args.command_timeout), confirm)
+        workspace = Workspace(args.workspace, ToolLimits(timeout_s=args.command_timeout), confirm, args.sandbox)
     except ToolError as exc:
         raise UserError(str(exc)) from None
     policy = ModelPolicy(model, tok, params, on_text=lambda d: print(d, end="", flush=True))
