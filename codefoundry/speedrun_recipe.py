@@ -228,7 +228,8 @@ def agent_demo(checkpoint: str, device: str, max_steps: int = 4) -> dict[str, An
         script = Path(root) / "hello.py"
         output = ""
         if script.is_file():
-            proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=10, cwd=root)
+            proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=10, cwd=root,
+                                  check=False)
             output = proc.stdout.strip()
     return {"task": AGENT_TASK, "stop_reason": result.stop_reason, "tool_calls": result.steps,
             "answer": result.answer, "events": [list(e) for e in result.events], "file_written": script.is_file(),

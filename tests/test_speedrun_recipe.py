@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from helpers_post import tiny_tokenizer
+from test_stream import write_hub_layouts
 
 from codefoundry.cli import main
 from codefoundry.data import hub_corpus
@@ -17,8 +19,6 @@ from codefoundry.data.readers import SourceSpec, build_reader
 from codefoundry.data.sources import iter_source_files, read_text
 from codefoundry.errors import UserError
 from codefoundry.post.sft_data import Skipped, Source, render_examples
-from helpers_post import tiny_tokenizer
-from test_stream import write_hub_layouts
 from tests.conftest import TINY_SOURCES
 
 
@@ -64,9 +64,9 @@ def test_sft_hub_readers_read_the_real_column_layouts(tmp_path):
     for name, n in (("codealpaca", 2), ("code-feedback", 2), ("gsm8k", 1)):
         records = list(Source.parse(f"hub:{name}={files[name]}@0.5").records())
         assert len(render_examples(records, tok, 1024)) == n
-    gsm = list(Source.parse(f"hub:gsm8k={files['gsm8k']}").records())[0]["messages"]
+    gsm = next(Source.parse(f"hub:gsm8k={files['gsm8k']}").records())["messages"]
     assert gsm[1]["content"].endswith("apples.\nThe answer is 7.")
-    alpaca = list(Source.parse(f"hub:codealpaca={files['codealpaca']}").records())[0]["messages"]
+    alpaca = next(Source.parse(f"hub:codealpaca={files['codealpaca']}").records())["messages"]
     assert alpaca[0]["content"] == "Add two numbers.\n\ndef add(a, b):" and alpaca[1]["content"] == "return a + b"
     # a file without the dataset's columns is counted with its rows; a dataset with none is an error
     folder = tmp_path / "mixed"

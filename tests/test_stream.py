@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers_post import tiny_tokenizer
 
 from codefoundry.data.sources import split_of, stdlib_root
 from codefoundry.data.stream import StreamLoader, list_stream_files
 from codefoundry.errors import UserError
-from helpers_post import tiny_tokenizer
 
 JSON_PKG = stdlib_root() / "json"  # 5 files, ~40 KB: several epochs of tiny rows
 
@@ -38,7 +39,7 @@ def test_rows_are_the_packed_document_stream():
     stream = torch.cat([x.reshape(-1) for x, _ in batches]).numpy()
     files = s.unit_files[0]
     order = np.random.default_rng([3, 0, 0]).permutation(len(files))
-    expected = np.concatenate([[tok.eot_id] + tok.encode(open(files[i].location).read()) for i in order])
+    expected = np.concatenate([[tok.eot_id] + tok.encode(Path(files[i].location).read_text()) for i in order])
     assert np.array_equal(stream, expected[:len(stream)])
 
 

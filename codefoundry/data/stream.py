@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -70,45 +71,39 @@ class StreamOptions:
     max_file_bytes: int = MAX_FILE_BYTES
 
 
-def _hf_listing(location: str) -> tuple[str, list[tuple[str, int]]]:
-    """``hf:NAME?data_dir=D`` -> (root URL, [(file URL, size)]) of its JSONL/Parquet files."""
-    name, _, query = location[3:].partition("?")
-    options = dict(parse_qsl(query))
-    root = f"datasets/{name}/{options.get('data_dir', '')}".rstrip("/")
-    from codefoundry.data.hub_corpus import default_fs
+def _remote_listing(spec: SourceSpec, languages: set[str] | None,
+                    hub_root: dict[str, str]) -> list[tuple[str, str]]:
+    """(URL, path under the dataset) of every file of a ``hub:NAME`` corpus or ``hf:NAME?data_dir=D``
+    dataset, read in place through ``hf://`` (or from a local folder in the hub's layout)."""
+    from codefoundry.data import hub_corpus
 
-    fs = default_fs()
-    try:
-        found = fs.find(root, detail=True)
-    except (FileNotFoundError, OSError) as exc:
-        raise UserError(f"cannot list {location}: {type(exc).__name__}: {exc}") from None
-    return "hf://" + root, [("hf://" + p, int(i.get("size") or 0)) for p, i in sorted(found.items())]
+    if spec.location.startswith(hub_corpus.HUB_PREFIX):
+        mirror = hub_root.get(spec.location)
+        root = (mirror or f"datasets/{hub_corpus.hub_corpus(spec.location).repo}").rstrip("/")
+        paths = [p for p, _ in hub_corpus.list_files(spec.location, sorted(languages) if languages else None, mirror,
+                                                    _local_fs() if mirror else None)]
+    else:
+        name, _, query = spec.location[3:].partition("?")
+        mirror, root = None, f"datasets/{name}/{dict(parse_qsl(query)).get('data_dir', '')}".rstrip("/")
+        try:
+            paths = sorted(hub_corpus.default_fs().find(root))
+        except (FileNotFoundError, OSError) as exc:
+            raise UserError(f"cannot list {spec.location}: {type(exc).__name__}: {exc}") from None
+    return [(p if mirror else "hf://" + p, p[len(root):].lstrip("/")) for p in paths]
 
 
 def list_stream_files(sources: list[str | SourceSpec], languages: set[str] | None = None,
                       hub_root: dict[str, str] | None = None) -> tuple[list[StreamFile], Counter]:
     """Every input file of the sources in a stable order, and the files skipped while listing
     (by reason). ``hub_root`` maps a ``hub:NAME`` to a local folder in the hub's layout."""
-    from codefoundry.data.hub_corpus import HUB_PREFIX, list_files
-
     files: list[StreamFile] = []
     skipped: Counter = Counter()
     ledger_dir = f"memory://cf-stream-list/{uuid.uuid4().hex}"
     for raw in sources:
         spec = raw if isinstance(raw, SourceSpec) else SourceSpec.parse(str(raw))
-        if spec.location.startswith(HUB_PREFIX) or spec.location.startswith("hf:"):
-            if spec.location.startswith(HUB_PREFIX):
-                root = (hub_root or {}).get(spec.location)
-                listing = list_files(spec.location, sorted(languages) if languages else None, root,
-                                     None if root is None else _local_fs())
-                prefix = "" if root is not None else "hf://"
-                root_url = root or ""
-                urls = [(prefix + p, size) for p, size in listing]
-            else:
-                root_url, urls = _hf_listing(spec.location)
-            name = spec.location.removeprefix(HUB_PREFIX) if spec.location.startswith(HUB_PREFIX) else spec.name
-            for url, _ in urls:
-                rel = url[len(root_url):].lstrip("/") if url.startswith(root_url) else url.rsplit("/", 1)[-1]
+        if spec.location.startswith(("hub:", "hf:")):
+            name = spec.location.removeprefix("hub:") if spec.location.startswith("hub:") else spec.name
+            for url, rel in _remote_listing(spec, languages, hub_root or {}):
                 kind = kind_of(rel.rsplit("/", 1)[-1], languages)
                 if kind:
                     files.append(StreamFile(url, rel, kind[0], kind[1], name, spec.weight))
@@ -196,7 +191,11 @@ class _UnitStream:
         if self.opt.filters:
             checks += heuristic_filters(self.ledger_dir, self.opt.quality_threshold)
         if self.opt.decontaminate:
-            from codefoundry.data.decontam import DecontaminationFilter, Decontaminator, find_benchmark_files
+            from codefoundry.data.decontam import (
+                DecontaminationFilter,
+                Decontaminator,
+                find_benchmark_files,
+            )
 
             found = find_benchmark_files(Path(self.opt.benchmarks) if self.opt.benchmarks else None)
             if found:
@@ -293,7 +292,7 @@ class _UnitsDataset(IterableDataset):
     """Worker ``w`` of the DataLoader plays unit ``(w + rotation) % units``: the DataLoader asks
     worker 0 first, and a resumed run must continue with the unit whose turn it was."""
 
-    def __init__(self, loader: "StreamLoader", rotation: int) -> None:
+    def __init__(self, loader: StreamLoader, rotation: int) -> None:
         self.plan, self.tokenizer_json, self.opt = loader.unit_files, loader.tokenizer_json, loader.opt
         self.states, self.stats, self.rotation = loader.states, loader.unit_stats, rotation
 
@@ -338,7 +337,7 @@ class StreamLoader:
 
     @classmethod
     def from_run(cls, run: Any, tokenizer: str | Path, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu") -> "StreamLoader":
+                 device: str | torch.device = "cpu") -> StreamLoader:
         """The stream a RunConfig's ``data:`` section describes, for its ``train:`` batch shape."""
         d, t = run.data, run.train
         if not d.sources:
