@@ -71,3 +71,45 @@ def test_bad_checkpoints_give_one_line_errors(tiny_data, tmp_path):
 def test_unprepared_data_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="data prepare"):
         pretrain(_run(tmp_path, tmp_path / "out"), show_progress=False)
+
+
+def _count_graphs(monkeypatch):
+    """Compile through a backend that records each graph's input signature (shapes, grad mode) and
+    whether any input is a symbolic size (a dynamic-shape graph)."""
+    import torch
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        sig = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs)
+        graphs.append({"sig": (sig, torch.is_grad_enabled()),
+                       "dynamic": any(isinstance(t, torch.SymInt) for t in example_inputs)})
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=backend, **kw))
+    return graphs
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_compile_setting_is_read_as_typed(tiny_data, tmp_path, monkeypatch, setting):
+    from codefoundry.cli import main
+
+    graphs = _count_graphs(monkeypatch)
+    assert main(["pretrain", "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path), "train.max_steps=2",
+                 "train.seq_len=64", "train.batch_size=4", f"train.compile={setting}", "train.device=cpu"]) == 0
+    assert bool(graphs) == (setting == "on")
+
+
+def test_curriculum_and_evaluation_never_recompile_a_graph(tiny_data, tmp_path, monkeypatch):
+    graphs = _count_graphs(monkeypatch)
+    run = _run(tiny_data, tmp_path, steps=6, **{"train.compile": "on", "train.curriculum": "16:2,32:4",
+                                                 "train.eval_every": 2, "model.dropout": 0.0})
+    pretrain(run, show_progress=False)
+    assert graphs and not any(g["dynamic"] for g in graphs)  # static shapes throughout
+    sigs = [g["sig"] for g in graphs]
+    assert len(sigs) == len(set(sigs)), "a graph was compiled twice for the same shapes"
+    # one training graph per row length (16, 32, 64), one evaluation graph (no grad)
+    assert {len(sig[0]) > 0 for sig in sigs} == {True}
+    assert sum(1 for sig in sigs if sig[1]) == 3 * sum(1 for sig in sigs if not sig[1])
