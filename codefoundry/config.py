@@ -66,7 +66,7 @@ class ModelConfig:
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) added to the training loss
     init_std: float = 0.02
     depth_scaled_init: bool = True  # residual-output projections get std / sqrt(2 * n_layers)
-    loss_chunk: int = 0  # >0: cross-entropy over this many tokens at a time (never full-batch logits)
+    loss_chunk: int = 0  # cross-entropy rows per chunk: >0 this many, <0 never chunked, 0 auto (chunked at vocab >= 32k)
     n_experts: int = 0  # 0 = dense MLP; >0 = routed SwiGLU experts of width ffn_dim in every layer
     moe_shared_experts: int = 1  # always-on experts added to the routed output
     moe_top_k: int = 2  # routed experts per token

@@ -26,6 +26,12 @@ from codefoundry.tokenizer.special import (
     IGNORE_INDEX,  # the label the loss skips (re-exported for callers)
 )
 
+# model.loss_chunk=0 ("auto"): vocabularies this large get the cross-entropy in chunks of this
+# many rows, so fp32 logits never exist for the whole batch (8 x 2048 tokens x 49,152 x 4 bytes
+# = 3.2 GB, twice over with their gradient; a 4096-row chunk is 0.8 GB).
+AUTO_CHUNK_VOCAB = 32768
+AUTO_CHUNK_ROWS = 4096
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -100,9 +106,9 @@ class Transformer(nn.Module):
 
         In training mode the enabled auxiliary terms are added (each already weighted):
         ``z_loss * mean(logsumexp^2)``, the MoE balancing loss, and ``mtp_loss_weight`` times
-        the mean cross-entropy of the MTP heads. With ``loss_chunk > 0`` the head runs over that
-        many rows at a time under activation checkpointing, so full-vocabulary logits never
-        exist for the whole batch at once.
+        the mean cross-entropy of the MTP heads. The head runs over :meth:`loss_chunk_rows` rows at
+        a time under activation checkpointing (z-loss in the same pass), so full-vocabulary
+        logits never exist for the whole batch at once.
         """
         c = self.cfg
         with_z = self.training and c.z_loss > 0
@@ -127,13 +133,21 @@ class Transformer(nn.Module):
 
     def _ce_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy and summed squared log-partition over rows (N, dim), chunked if configured."""
-        chunk = self.cfg.loss_chunk
+        chunk = self.loss_chunk_rows()
         if chunk <= 0 or h.shape[0] <= chunk:
             sums = self._chunk_sums(h, targets, with_z)
         else:
             sums = sum(checkpoint(self._chunk_sums, h[i:i + chunk], targets[i:i + chunk], with_z, use_reentrant=False)
                        for i in range(0, h.shape[0], chunk))
         return sums[0], sums[1]
+
+    def loss_chunk_rows(self) -> int:
+        """Rows per cross-entropy chunk, 0 = unchunked: ``model.loss_chunk`` if > 0, none if < 0,
+        and for 0 (auto) :data:`AUTO_CHUNK_ROWS` from a :data:`AUTO_CHUNK_VOCAB`-token vocabulary up."""
+        c = self.cfg.loss_chunk
+        if c == 0:
+            return AUTO_CHUNK_ROWS if self.cfg.vocab_size >= AUTO_CHUNK_VOCAB else 0
+        return max(c, 0)
 
     def _chunk_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> torch.Tensor:
         logits = self.logits(h).float()
@@ -201,13 +215,19 @@ class Transformer(nn.Module):
         return self.num_params(exclude_embedding) - inactive
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N for active weights + attention scores.
+        """Training FLOPs per token (forward + backward): 6N for active weights + causal attention.
 
         The LM head counts once per prediction (the trunk's and each MTP head's), tied or not.
+        Attention per layer and token: 2·T·H·d for QK^T and 2·T·H·d_v for PV in the forward pass,
+        x3 with the backward, halved because a causal query sees on average half the keys
+        (FlashAttention's and torchtitan's convention); differential attention's values are
+        twice as wide (d_v = 2d). Document masking skips more, which is not credited.
         """
         c = self.cfg
         n = self.num_active_params(exclude_embedding=True)
         if c.tie_embeddings:
             n += self.embed.weight.numel()  # the tied head still does its matmul
         n += c.mtp_heads * self.lm_head.weight.numel()
-        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+        d_v = 2 * c.head_dim if c.diff_attn else c.head_dim
+        attention = 3 * c.n_layers * c.n_heads * (c.head_dim + d_v) * seq_len  # 6·L·H·2d·T / 2
+        return 6 * n + attention
