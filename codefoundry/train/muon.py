@@ -43,7 +43,7 @@ class DistributedMuon(torch.optim.Muon):
                 if owner == self.rank:
                     update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                     update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"],
-                                                         group["eps"])
+                                                         group["eps"]).contiguous()  # tall ones come transposed
                 else:
                     update = torch.empty(p.shape, dtype=torch.bfloat16, device=p.device)
                 if self.world_size > 1:
