@@ -488,8 +488,12 @@ def _serve_calls(channel: Channel, handles: _Handles) -> None:
             value = OPERATIONS[request["op"]](handles.get(request["ref"]), args, kwargs)
             reply = {"value": encode(value, handles), "args": [encode(a, handles) for a in args]}
         except BaseException as exc:  # noqa: BLE001 - goes back to the test as that exception
-            base = next(cls.__name__ for cls in type(exc).__mro__ if cls.__module__ == "builtins")
-            reply = {"raise": base, "detail": _describe(exc)}
+            base = next(cls.__name__ for cls in type(exc).__mro__ if vars(builtins).get(cls.__name__) is cls)
+            try:
+                args = encode(list(exc.args), _refuse)
+            except BaseException:  # noqa: BLE001 - arguments that are not plain data, or a hostile exception
+                args = [_describe(exc)]
+            reply = {"raise": base, "args": args, "detail": _describe(exc)}
         channel.send(reply)
 
 
@@ -559,7 +563,7 @@ class Link:
                            "kwargs": encode(kwargs or {}, self._outgoing)})
         reply = self.channel.receive()
         if "raise" in reply:
-            raise _rebuilt_exception(reply.get("raise"), reply.get("detail"))
+            raise _rebuilt_exception(reply.get("raise"), decode(reply.get("args", []), _refuse), reply.get("detail"))
         if "value" not in reply or type(reply.get("args")) is not list or len(reply["args"]) != len(args):
             raise ProtocolError("a reply without a value")
         for sent, after in zip(args, reply["args"]):  # the function may have changed its arguments
@@ -577,16 +581,21 @@ def _update_in_place(sent, after) -> None:
         sent[:] = after
 
 
-def _rebuilt_exception(name, detail) -> BaseException:
-    """The checker's own exception for one raised in the program (by its nearest builtin class)."""
+def _refuse(value) -> int:
+    raise TypeError(f"a {type(value).__name__} is not plain data")
+
+
+def _rebuilt_exception(name, args, detail) -> BaseException:
+    """The checker's own exception for one raised in the program: its nearest builtin class,
+    with its arguments when they are plain data."""
     detail = str(detail)[:300]
     if name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit"):
         return ProgramExit(detail)
     if name == "MemoryError":
         return MemoryError(detail)
     try:
-        return _EXCEPTIONS[name](detail)
-    except (KeyError, TypeError):  # not a builtin name, or a class with other constructor arguments
+        return _EXCEPTIONS[name](*(args if type(args) is list else [detail]))
+    except (KeyError, TypeError):  # not a builtin name, or arguments its constructor refuses
         return Exception(f"{name}: {detail}")
 
 
@@ -958,7 +967,7 @@ def _kill_descendants() -> None:
     me = os.getpid()
     while True:
         parents: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
+        for entry in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{entry}/stat", "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
