@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from codefoundry.data.sources import iter_source_files, stdlib_root
-from codefoundry.errors import UserError
 from codefoundry.progress import silence_tqdm
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
@@ -154,7 +153,8 @@ def run_speedrun(args: argparse.Namespace) -> int:
         return 0
     sources = [Path(s) for s in args.source] or [stdlib_root()]
     speedrun(Path(args.out), sources, 12.0 if args.minutes is None else args.minutes, recipe, args.overrides,
-             args.vocab_size or 4096, args.tokenizer_mb, args.val_fraction, args.fim_rate, preset=args.preset)
+             args.vocab_size or 4096, args.tokenizer_mb, 0.04 if args.val_fraction is None else args.val_fraction,
+             args.fim_rate or 0.0, preset=args.preset)
     return 0
 
 
@@ -174,8 +174,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default=None, help="model preset instead of the recipe's (e.g. its -tiny twin)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: the recipe's, else 4096)")
     p.add_argument("--tokenizer-mb", type=float, default=0, help="MB of code to train the tokenizer on (0 = all)")
-    p.add_argument("--val-fraction", type=float, default=0.04)
-    p.add_argument("--fim-rate", type=float, default=0.0,
+    p.add_argument("--val-fraction", type=float, default=None, help="held-out share (default 0.04, or the recipe's)")
+    p.add_argument("--fim-rate", type=float, default=None,
                    help="fill-in-the-middle rate for the training split (0 spends the short budget on left-to-right)")
     g = p.add_argument_group("reference-recipe runs (--recipe nanocode ...)")
     g.add_argument("--max-gb", type=float, default=None, help="download at most this much of the hub corpus")

@@ -73,8 +73,9 @@ def options_from_args(args: argparse.Namespace, recipe: Path) -> Options:
         if not sep or not name.startswith("hub:"):
             raise UserError(f"--hub-mirror {item!r}: write hub:NAME=FOLDER")
         mirrors[name] = folder
-    return Options(Path(args.out), Path(recipe), args.preset, list(args.overrides), list(args.source), args.max_gb,
-                   mirrors, args.vocab_size, args.tokenizer_mb, args.val_fraction if args.val_fraction != 0.04 else None,
+    overrides = [*args.overrides, *([f"data.fim_rate={args.fim_rate}"] if args.fim_rate is not None else [])]
+    return Options(Path(args.out), Path(recipe), args.preset, overrides, list(args.source), args.max_gb,
+                   mirrors, args.vocab_size, args.tokenizer_mb, args.val_fraction,
                    args.minutes, list(args.sft_source), args.sft_steps, args.tool_conversations, args.bench_data,
                    args.eval_limit, args.eval_n, args.eval_temperature, args.eval_max_new_tokens, args.usd_per_gpu_hour)
 
