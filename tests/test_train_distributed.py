@@ -79,3 +79,45 @@ def test_two_ranks_match_one_process(data, single, tmp_path, parallel):
     mp.start_processes(_rank, args=(2, _free_port(), _run(data, tmp_path, 2, parallel), "auto"), nprocs=2,
                        start_method="spawn")
     assert _losses(tmp_path) == pytest.approx(single_losses, rel=2e-4)
+
+
+def _moe_rank(rank, world, port, run, out):
+    """Train, then write this rank's view: MoE biases, DDP/FSDP2 settings actually in effect."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from codefoundry.train.distributed import shutdown
+    from codefoundry.train.engine import Trainer
+
+    real_fit = Trainer.fit
+
+    def fit(self, stop_after=None):
+        summary = real_fit(self, stop_after)
+        seen = {"biases": {n: b.clone() for n, b in self.model.named_buffers() if n.endswith("expert_bias")}}
+        if run.train.parallel == "ddp":
+            seen["broadcast_buffers"] = self.wrapped.broadcast_buffers
+        else:
+            policy = self.model.blocks[0]._get_fsdp_state()._mp_policy
+            seen["policy"] = (policy.param_dtype, policy.reduce_dtype)
+        torch.save(seen, out / f"rank{rank}.pt")
+        return summary
+    Trainer.fit = fit
+    pretrain(run, show_progress=False)
+    shutdown()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_moe_biases_stay_identical_on_every_rank(data, tmp_path, parallel):
+    run = build_run_config("moe-tiny", None, [
+        f"train.data={data}", f"train.out={tmp_path}", "train.max_steps=4", "train.seq_len=64", "train.batch_size=2",
+        "train.grad_accum=2", "train.warmup_steps=1", "train.device=cpu", f"train.parallel={parallel}",
+        "train.dtype=bf16", "model.max_seq_len=64", "model.moe_bias_rate=0.01"])
+    mp.start_processes(_moe_rank, args=(2, _free_port(), run, tmp_path), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["biases"] and any(b.abs().sum() > 0 for b in ranks[0]["biases"].values())
+    for name, bias in ranks[0]["biases"].items():
+        assert torch.equal(bias, ranks[1]["biases"][name]), name
+    if parallel == "ddp":
+        assert ranks[0]["broadcast_buffers"] is False  # rank 0 must not overwrite every rank's buffers each forward
+    else:
+        assert ranks[0]["policy"] == (torch.bfloat16, torch.float32)  # bf16 gathers, fp32 gradient reductions

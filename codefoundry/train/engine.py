@@ -147,7 +147,7 @@ class Trainer:
         self.progress = Progress(stage.name, total=self.total or None, unit="step",
                                  enabled=show_progress and self.info.is_main)
         self.progress.done = self.step
-        self.peak = peak_flops(self.device)
+        self.peak = peak_flops(self.device, tc.linear_precision)
         self.t0 = time.perf_counter()
         # Sums over the healthy steps since the last log record, kept on the device.
         self.window: torch.Tensor | None = None
