@@ -186,14 +186,16 @@ def sft_sources(opt: Options, log=print) -> list[str]:
     return out
 
 
-def _wait_for_marker(path: Path, run_id: str) -> dict[str, Any]:
+def wait_for_marker(path: Path, started: float, poll_s: float = 5.0) -> dict[str, Any]:
+    """Rank 0's marker written after this launch started (a marker of an earlier run is ignored;
+    the ranks of one launch start within seconds of each other, and preparing takes longer)."""
     print(f"waiting for rank 0 to prepare the data ({path})", flush=True)
     while True:
         if path.is_file():
             marker = json.loads(path.read_text())
-            if marker.get("run_id") == run_id:
+            if marker.get("written_at", 0) >= started:
                 return marker
-        time.sleep(5)
+        time.sleep(poll_s)
 
 
 def evaluate_checkpoint(opt: Options, checkpoint: str, label: str, device: str) -> dict[str, Any]:
@@ -295,15 +297,16 @@ def full_speedrun(opt: Options) -> dict[str, Any] | None:
     rank, world = _rank()
     run = build_run_config(opt.preset, opt.recipe, opt.overrides)
     opt.out.mkdir(parents=True, exist_ok=True)
-    marker_path, run_id = opt.out / MARKER, os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    marker_path, started = opt.out / MARKER, time.time()
     timings: dict[str, float] = {}
     if rank == 0:
         prepared = prepare_stages(opt, run, timings)
         tools_and_mix = sft_sources(opt)
-        marker_path.write_text(json.dumps({"run_id": run_id, "prepared": prepared, "sft": tools_and_mix},
-                                          default=str))
+        tmp = marker_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"written_at": time.time(), "prepared": prepared, "sft": tools_and_mix}, default=str))
+        tmp.replace(marker_path)  # atomic: a waiting rank never reads half a file
     else:
-        marker = _wait_for_marker(marker_path, run_id)
+        marker = wait_for_marker(marker_path, started)
         prepared, tools_and_mix = marker["prepared"], marker["sft"]
 
     t = time.perf_counter()

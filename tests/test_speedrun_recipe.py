@@ -129,3 +129,16 @@ def test_recipe_speedrun_end_to_end(tmp_path, shared_data, capsys):
         assert figure in report
     assert (out / "pretrain_loss.png").stat().st_size > 1000 and (out / "sft_loss.png").stat().st_size > 1000
     assert set(results["timings"]) == {"corpus", "tokenizer", "data", "pretrain", "sft", "eval", "agent"}
+
+
+def test_other_ranks_wait_for_this_launchs_marker(tmp_path):
+    import threading
+    import time
+
+    from codefoundry.speedrun_recipe import wait_for_marker
+
+    marker = tmp_path / ".prepared.json"
+    marker.write_text(json.dumps({"written_at": time.time() - 60, "prepared": "stale"}))  # an earlier run's
+    started = time.time()
+    threading.Timer(0.3, lambda: marker.write_text(json.dumps({"written_at": time.time(), "prepared": "new"}))).start()
+    assert wait_for_marker(marker, started, poll_s=0.05)["prepared"] == "new"
