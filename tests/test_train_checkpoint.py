@@ -93,3 +93,57 @@ def test_cli_resume_auto_reads_the_saved_config(data, tmp_path):
     args = parser.parse_args(["pretrain", "--out", str(tmp_path), "--resume", "train.max_steps=6"])
     run = resolve_run(args)
     assert run.train.lr == 1e-3 and run.train.max_steps == 6 and run.preset == "tiny"
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.is_symlink(), p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_resuming_a_copied_run_writes_only_into_the_copy(data, tmp_path):
+    """`pretrain --out NEW --resume auto` on a copy of a run: NEW continues from the copied
+    checkpoint, and the original (here moved away, so its recorded directory is gone) is untouched."""
+    import shutil
+
+    from codefoundry.cli import main
+
+    orig, new, moved = tmp_path / "orig", tmp_path / "new", tmp_path / "moved"
+    common = ["train.seq_len=64", "train.batch_size=4", "train.log_every=1", "train.save_every=2", "train.keep_last=1",
+              "train.device=cpu", "train.keep_best=false"]
+    assert main(["pretrain", "--preset", "tiny", "--data", str(data), "--out", str(orig), "train.max_steps=4",
+                 *common]) == 0
+    shutil.copytree(orig, new, symlinks=True)
+    orig.rename(moved)
+    before = _snapshot(moved)
+    assert main(["pretrain", "--out", str(new), "--resume", "auto", "train.max_steps=6"]) == 0
+    assert _snapshot(moved) == before and not orig.exists()
+    assert [r["step"] for r in read_metrics(new / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in (new / "checkpoints").iterdir()] == ["step_00000006"]
+    assert json.loads((new / "run_config.json").read_text())["train"]["out"] == str(new)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "remove"])
+def test_resume_skips_a_checkpoint_with_broken_weights(data, tmp_path, capsys, damage):
+    pretrain(_run(data, tmp_path, steps=8), show_progress=False)
+    weights = tmp_path / "checkpoints" / "step_00000008" / "model.safetensors"
+    if damage == "remove":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncate" else b"")
+    capsys.readouterr()
+    found = ckpt_mod.CheckpointManager(tmp_path).find_resume("auto")
+    assert found[0].name == "step_00000004"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "step_00000008" in lines[0] and "model.safetensors" in lines[0]
+    summary = pretrain(_run(data, tmp_path, steps=8), resume="auto", show_progress=False)
+    assert summary["finished"] and summary["steps"] == 8
+
+
+def test_an_edited_config_names_the_mismatch(data, tmp_path):
+    pretrain(_run(data, tmp_path, steps=1), show_progress=False)
+    config = tmp_path / "checkpoint" / "config.json"
+    raw = json.loads(config.read_text())
+    raw["model"]["dim"], raw["model"]["ffn_dim"], raw["model"]["head_dim"] = 96, 0, 0
+    config.write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=r"dim=96.*embed\.weight of shape \[\d+, 96\].*model.safetensors holds \[\d+, 64\]"):
+        load_model(tmp_path / "checkpoint")
