@@ -63,9 +63,9 @@ def test_seeded_sampling_is_reproducible(model_tok):
     assert a.completion_ids == b.completion_ids
 
 
-def test_engine_batches_concurrent_requests_and_rejects_oversized(model_tok):
+def test_engine_rejects_oversized_and_decodes_concurrent_requests_together(model_tok):
     model, tok = model_tok
-    with Engine(model, tok, max_batch=4, max_wait_ms=200) as engine:
+    with Engine(model, tok, max_batch=4) as engine:
         with pytest.raises(RequestRejected):
             engine.submit(Request(tok.encode("x"), SamplingParams(max_tokens=model.cfg.max_seq_len)))
         got: dict[int, list[str]] = {i: [] for i in range(4)}
@@ -76,6 +76,57 @@ def test_engine_batches_concurrent_requests_and_rejects_oversized(model_tok):
             t.start()
         for r in reqs:
             assert r.done.wait(30)
-        assert engine.batches == 1
+        assert engine.peak_rows > 1
         for i, r in enumerate(reqs):
             assert "".join(got[i]) == r.text and r.finish_reason == "length"
+
+
+def test_request_joins_mid_generation_and_leaves_at_once(model_tok):
+    """Continuous batching: a short request submitted while a long one runs finishes first, and
+    both give the text they give alone (per-row cache positions)."""
+    model, tok = model_tok
+    long_alone = "".join(stream(model, tok, PROMPTS[2], max_new_tokens=200, stop_at_eot=False))
+    short_alone = "".join(stream(model, tok, PROMPTS[0], max_new_tokens=5, stop_at_eot=False))
+    with Engine(model, tok, max_batch=4) as engine:
+        started = threading.Event()
+        long = Request(tok.encode(PROMPTS[2]), SamplingParams(max_tokens=200), on_text=lambda d: started.set())
+        engine.submit(long)
+        assert started.wait(30)
+        short = engine.submit(Request(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=5)))
+        assert short.done.wait(30)
+        assert not long.done.is_set()  # the short one joined the running batch and left before it
+        assert long.done.wait(60)
+    assert engine.peak_rows == 2
+    assert (long.text, short.text) == (long_alone, short_alone)
+
+
+def test_cancelled_row_frees_its_slot(model_tok):
+    model, tok = model_tok
+    with Engine(model, tok, max_batch=1) as engine:
+        first = engine.submit(Request(tok.encode("x"), SamplingParams(max_tokens=200)))
+        second = engine.submit(Request(tok.encode("y"), SamplingParams(max_tokens=3)))
+        first.cancel()
+        assert second.done.wait(30) and first.done.wait(30)
+    assert first.finish_reason == "cancelled" and len(first.completion_ids) < 200
+    assert second.finish_reason == "length"
+
+
+def test_a_failing_row_fails_alone(model_tok):
+    """Issue 18 item 4: an error while sampling one row fails that request, not its neighbours."""
+    model, tok = model_tok
+    good = Request(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=6, temperature=1.0, seed=1))
+    bad = Request(tok.encode(PROMPTS[1]), SamplingParams(max_tokens=6, temperature=1.0))
+    bad.params.temperature = float("nan")  # slips past validation (set after construction): NaN probabilities
+    alone = Request(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=6, temperature=1.0, seed=1))
+    run_batch(model, tok, [good, bad])
+    run_batch(model, tok, [alone])
+    assert bad.finish_reason == "error" and "sampling failed" in bad.error
+    assert good.finish_reason == "length" and good.completion_ids == alone.completion_ids
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=-1.0), dict(seed=2**70),
+                                 dict(top_p=0.0), dict(max_tokens=0)])
+def test_sampling_params_are_validated(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+    assert SamplingParams(temperature=1e-300).greedy  # below the floor: greedy, never inf/NaN

@@ -26,7 +26,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def run_speculative(args: argparse.Namespace, model, tokenizer, prompt_ids: list[int]) -> None:
     """Greedy speculative decoding: the model's own MTP heads, or a small draft checkpoint, propose."""
-    from codefoundry.infer.generate import TextDeltas
+    from codefoundry.infer.decode import TextDeltas
     from codefoundry.infer.speculative import (
         draft_speculative_generate,
         mtp_speculative_generate,

@@ -1,15 +1,15 @@
-"""A batching engine: concurrent generation requests decoded together through one KV cache.
+"""Continuous batching: requests decoded together, joining and leaving the batch at any step.
 
-Requests are queued; a worker thread takes up to ``max_batch`` of them (waiting at most
-``max_wait_ms`` after the first for others to arrive), decodes them as one left-padded
-batch with :func:`generate_tokens`, and hands each request its text as it becomes safe to
-show. Each row keeps its own sampling settings, stop strings, stop tokens and token limit;
-the batch ends when its last row does. This is static batching: a request that arrives
-mid-batch waits for the next one (continuous batching would need per-row cache
-positions). For serving at scale, export to Hugging Face format and run vLLM.
-
-:func:`run_batch` is the decoding step itself and is also used directly (no thread) by
-the chat and agent commands.
+* :class:`Request` — one generation: prompt ids, :class:`SamplingParams`, text as it becomes
+  safe to show (``on_text``), a finish reason.
+* :class:`Decoder` — the request side of :class:`~codefoundry.infer.decode.DecodeBatch`:
+  :meth:`Decoder.add` prefills new requests, :meth:`Decoder.step` decodes one token for every
+  row, applies each row's stop tokens, stop strings and token limit, and frees finished or
+  cancelled rows at once. An error in one row's sampling fails that request alone.
+* :func:`run_batch` — decode a list of requests to the end (no thread): chat, agent, post.
+* :class:`Engine` — a queue and a worker thread around one :class:`Decoder`: a request that
+  arrives mid-batch joins at the next step, up to ``max_batch`` rows; ``close`` lets running
+  rows finish (or cancels them after a grace period).
 """
 
 from __future__ import annotations
@@ -18,39 +18,31 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from codefoundry.infer.generate import TextDeltas, generate_tokens, sample_next
+from codefoundry.infer.decode import DecodeBatch, TextDeltas, fit_prompt
+from codefoundry.infer.sampling import SamplingParams, make_generator, sample_rows, token_logprobs
 from codefoundry.model import Transformer
 from codefoundry.tokenizer import CodeTokenizer
 
+__all__ = ["Decoder", "Engine", "EngineBusy", "Request", "RequestRejected", "SamplingParams", "run_batch"]
+
 log = logging.getLogger(__name__)
+
 
 class RequestRejected(ValueError):
     """A request the engine cannot take (empty, or too long for the context)."""
 
 
 class EngineBusy(RequestRejected):
-    """Too many requests are already waiting; the client should retry later."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: list[str] = field(default_factory=list)
-    stop_ids: set[int] = field(default_factory=set)  # generation ends at any of these tokens (not shown)
-    seed: int | None = None
+    """Too many requests are already waiting, or the engine is closing; retry later."""
 
 
 class Request:
     """One generation. ``on_text(delta)`` receives text as it becomes safe to show (called from
-    the engine thread); ``done`` is set once ``finish_reason`` is known."""
+    the decoding thread); ``done`` is set once ``finish_reason`` is known."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams,
                  on_text: Callable[[str], None] | None = None) -> None:
@@ -62,8 +54,14 @@ class Request:
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
         self.finish_token: int | None = None  # the stop token that ended it, if any
         self.error: str | None = None
+        # With params.logprobs: (log-probability, [(token, log-probability) of the top alternatives])
+        # for each completion token.
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.done = threading.Event()
         self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None  # perf_counter() of the first generated token
+        self.finished_at: float | None = None
 
     def emit(self, delta: str) -> None:
         if delta:
@@ -71,8 +69,9 @@ class Request:
             if self.on_text is not None:
                 self.on_text(delta)
 
-    def finish(self, reason: str, token: int | None = None) -> None:
-        self.finish_reason, self.finish_token = reason, token
+    def finish(self, reason: str, token: int | None = None, error: str | None = None) -> None:
+        self.finish_reason, self.finish_token, self.error = reason, token, error
+        self.finished_at = time.perf_counter()
         self.done.set()
 
     def cancel(self) -> None:
@@ -80,104 +79,183 @@ class Request:
         self.cancelled = True
 
 
-def _row_sampler(requests: list[Request], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-row sampling: greedy rows by one argmax, unseeded rows that share settings by one
-    call, and seeded rows each with their own generator (reproducible whatever the batch)."""
-    generators = [torch.Generator(device=device).manual_seed(r.params.seed) if r.params.seed is not None else None
-                  for r in requests]
-    groups: dict[tuple[float, int, float], list[int]] = {}
-    for row, r in enumerate(requests):
-        if r.params.temperature > 0 and generators[row] is None:
-            groups.setdefault((r.params.temperature, r.params.top_k, r.params.top_p), []).append(row)
-    seeded = [row for row, g in enumerate(generators) if g is not None and requests[row].params.temperature > 0]
+class _Row:
+    """A request while it holds a row: its text state, generator and token limit."""
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:
-        out = logits.argmax(dim=-1)
-        for (temperature, top_k, top_p), rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
-            out[index] = sample_next(logits[index], temperature, top_k, top_p)
-        for row in seeded:
-            p = requests[row].params
-            out[row] = sample_next(logits[row:row + 1], p.temperature, p.top_k, p.top_p, generators[row])[0]
-        return out
+    def __init__(self, request: Request, tokenizer: CodeTokenizer, context: int, device: torch.device) -> None:
+        self.request = request
+        self.prompt = fit_prompt(request.prompt_ids, request.params.max_tokens, context)
+        self.limit = min(request.params.max_tokens, context - len(self.prompt))
+        self.deltas = TextDeltas(tokenizer, request.params.stop)
+        self.generator = make_generator(request.params, device)
+        self.last = 0
 
-    return sample
+    def accept(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
+        """Take one generated token (and its log-probabilities if asked); True once the request has finished."""
+        req, p = self.request, self.request.params
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        self.last = token
+        if token in p.stop_ids:
+            req.emit(self.deltas.flush())
+            req.finish("stop", token)
+            return True
+        req.completion_ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        req.emit(self.deltas.add(token))
+        if self.deltas.stopped:
+            req.finish("stop")
+        elif len(req.completion_ids) >= self.limit:
+            req.emit(self.deltas.flush())
+            req.finish("length")
+        return req.finish_reason is not None
+
+
+class Decoder:
+    """Requests decoded together through one :class:`DecodeBatch` of ``slots`` rows."""
+
+    def __init__(self, model: Transformer, tokenizer: CodeTokenizer, slots: int) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.context = model.cfg.max_seq_len
+        self.batch = DecodeBatch(model, slots)
+        self.rows: list[_Row] = []
+        self.device = model.embed.weight.device
+        self.tokens_out = 0  # generated tokens so far (metrics)
+
+    @property
+    def room(self) -> int:
+        return self.batch.room
+
+    def add(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` (at most :attr:`room`) and sample their first tokens."""
+        rows = []
+        for req in requests:
+            if req.cancelled:
+                req.finish("cancelled")
+            elif not req.prompt_ids:
+                req.finish("error", error="the prompt is empty")
+            else:
+                rows.append(_Row(req, self.tokenizer, self.context, self.device))
+        if not rows:
+            return
+        before = self.batch.n
+        try:
+            logits = self.batch.join([r.prompt for r in rows])
+        except Exception as exc:  # the prefill failed: only the joining requests fail
+            for r in rows:
+                r.request.finish("error", error=f"{exc.__class__.__name__}: {exc}")
+            self.batch.leave(set(range(before, self.batch.n)))
+            raise
+        self.rows += rows
+        self._take(logits, rows, first=len(self.rows) - len(rows))
+
+    def step(self) -> None:
+        """Decode one token for every row; free the rows that finished or were cancelled."""
+        cancelled = {i for i, r in enumerate(self.rows) if r.request.cancelled}
+        for i in cancelled:
+            self.rows[i].request.finish("cancelled")
+        self._leave(cancelled)
+        if not self.rows:
+            return
+        last = torch.tensor([r.last for r in self.rows], device=self.device)
+        try:
+            logits = self.batch.step(last)
+        except Exception as exc:  # a failed forward pass fails the rows in it, and the engine goes on
+            for r in self.rows:
+                r.request.finish("error", error=f"{exc.__class__.__name__}: {exc}")
+            self._leave(set(range(len(self.rows))))
+            raise
+        self._take(logits, self.rows, first=0)
+
+    def cancel_all(self) -> None:
+        for r in self.rows:
+            r.request.finish("cancelled")
+        self._leave(set(range(len(self.rows))))
+
+    def _take(self, logits: torch.Tensor, rows: list[_Row], first: int) -> None:
+        """Sample a token for each of ``rows`` (rows ``first..`` of the batch) and apply it."""
+        tokens, failed = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        want = [i for i, r in enumerate(rows) if r.request.params.logprobs is not None and i not in failed]
+        logprobs = {}
+        if want:
+            index = torch.tensor(want, device=logits.device)
+            top = max(rows[i].request.params.logprobs for i in want)
+            for i, (lp, alts) in zip(want, token_logprobs(logits[index], tokens[index], top)):
+                logprobs[i] = (lp, alts[:rows[i].request.params.logprobs])
+        done = set()
+        for i, (r, t) in enumerate(zip(rows, tokens.tolist())):
+            if i in failed:
+                r.request.finish("error", error=f"sampling failed: {failed[i]}")
+                done.add(first + i)
+            elif r.accept(t, logprobs.get(i)):
+                done.add(first + i)
+        self.tokens_out += len(rows) - len(failed)
+        self._leave(done)
+
+    def _leave(self, rows: set[int]) -> None:
+        if rows:
+            order = self.batch.leave(rows)
+            self.rows = [self.rows[i] for i in order]
 
 
 def run_batch(model: Transformer, tokenizer: CodeTokenizer, requests: list[Request]) -> None:
     """Decode ``requests`` together until each has finished; every request ends with ``done`` set."""
-    deltas = [TextDeltas(tokenizer, r.params.stop) for r in requests]
-    live = len(requests)
-    try:
-        steps = generate_tokens(model, [r.prompt_ids for r in requests], max(r.params.max_tokens for r in requests),
-                                sample=_row_sampler(requests, model.embed.weight.device))
-        for step in steps:
-            for row, t in enumerate(step.tolist()):
-                req = requests[row]
-                if req.finish_reason is not None:
-                    continue
-                if req.cancelled:
-                    req.finish("cancelled")
-                elif t in req.params.stop_ids:
-                    req.emit(deltas[row].flush())
-                    req.finish("stop", t)
-                else:
-                    req.completion_ids.append(t)
-                    req.emit(deltas[row].add(t))
-                    if deltas[row].stopped:
-                        req.finish("stop")
-                    elif len(req.completion_ids) >= req.params.max_tokens:
-                        req.emit(deltas[row].flush())
-                        req.finish("length")
-                live -= req.finish_reason is not None
-            if live == 0:
-                break
-        for row, req in enumerate(requests):  # the context filled up before the row ended
-            if req.finish_reason is None:
-                req.emit(deltas[row].flush())
-                req.finish("length")
-    except Exception as exc:  # never leave a client waiting forever
-        for req in requests:
-            if req.finish_reason is None:
-                req.error = f"{exc.__class__.__name__}: {exc}"
-                req.finish("error")
-        raise
+    decoder = Decoder(model, tokenizer, max(1, len(requests)))
+    decoder.add(requests)
+    while decoder.rows:
+        decoder.step()
 
 
 class Engine:
-    """Queue + worker thread around :func:`run_batch`. Use as a context manager or call close()."""
+    """A queue and worker thread around one :class:`Decoder`. Use as a context manager or call close()."""
 
     def __init__(self, model: Transformer, tokenizer: CodeTokenizer, max_batch: int = 8,
-                 max_wait_ms: float = 5.0, max_pending: int = 256) -> None:
+                 max_pending: int = 256) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
-        self.max_pending = max_pending
+        self.max_batch, self.max_pending = max_batch, max_pending
         self.context = model.cfg.max_seq_len
-        self._queue: queue.Queue[Request | None] = queue.Queue()
-        self._deferred: list[Request] = []
-        self.batches = 0  # batches run so far (tests and benchmarks check that batching happened)
+        self.decoder = Decoder(model, tokenizer, max_batch)
+        self._queue: queue.Queue[Request] = queue.Queue()
+        self._closing = threading.Event()
+        self._stop = threading.Event()
+        self.steps = 0  # decode steps so far
+        self.peak_rows = 0  # most rows decoded in one step (tests and benchmarks check batching)
         self._thread = threading.Thread(target=self._loop, name="codefoundry-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.decoder.rows)
+
     def check(self, request: Request) -> None:
-        """RequestRejected when ``request`` cannot fit the context or the queue is full."""
+        """RequestRejected when ``request`` cannot fit the context; EngineBusy when the queue is full."""
         need = len(request.prompt_ids) + request.params.max_tokens
         if not request.prompt_ids:
             raise RequestRejected("the prompt is empty")
         if need > self.context:
             raise RequestRejected(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
                                   f"({request.params.max_tokens}) exceeds the context of {self.context} tokens")
-        if self._queue.qsize() + len(self._deferred) >= self.max_pending:
+        if self._closing.is_set():
+            raise EngineBusy("the server is shutting down")
+        if self._queue.qsize() >= self.max_pending:
             raise EngineBusy("the server is overloaded; retry later")
 
     def submit(self, request: Request) -> Request:
-        """Queue a request (after :meth:`check`)."""
+        """Queue a request (after :meth:`check`); it joins the batch at the next step."""
         self.check(request)
         self._queue.put(request)
         return request
 
-    def close(self) -> None:
-        self._queue.put(None)
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests; let queued and running ones finish for ``grace_s``, then cancel the rest."""
+        self._closing.set()
+        self._thread.join(timeout=grace_s)
+        self._stop.set()
         self._thread.join(timeout=10)
 
     def __enter__(self) -> "Engine":
@@ -186,45 +264,34 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _next_batch(self) -> list[Request] | None:
-        """Deferred requests first, then whatever arrives within the wait window. A request joins
-        only if the batch's widest prompt plus its longest completion still fits the context."""
-        pending, self._deferred = self._deferred, []
-        if not pending:
-            first = self._queue.get()
-            if first is None:
-                return None
-            pending = [first]
-        deadline = time.perf_counter() + self.max_wait
-        while len(pending) < self.max_batch:
+    def _admit(self) -> list[Request]:
+        """Waiting requests, as many as there are free rows (blocks briefly when idle)."""
+        new: list[Request] = []
+        if not self.decoder.rows:
             try:
-                nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                new.append(self._queue.get(timeout=0.05))
+            except queue.Empty:
+                return new
+        while len(new) < self.decoder.room:
+            try:
+                new.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-            if nxt is None:
-                self._queue.put(None)  # re-deliver the shutdown signal after this batch
-                break
-            pending.append(nxt)
-        batch: list[Request] = []
-        for req in pending:
-            trial = batch + [req]
-            width = max(len(r.prompt_ids) for r in trial)
-            longest = max(r.params.max_tokens for r in trial)
-            if len(batch) < self.max_batch and width + longest <= self.context and not req.cancelled:
-                batch.append(req)
-            elif req.cancelled:
-                req.finish("cancelled")
-            else:
-                self._deferred.append(req)
-        return batch
+        return new
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            if batch:
-                self.batches += 1
-                try:
-                    run_batch(self.model, self.tokenizer, batch)
-                except Exception:  # each request got the error from run_batch; keep serving
-                    log.exception("engine: a batch failed")
-        for req in self._deferred:
-            req.finish("cancelled")
+        while not self._stop.is_set():
+            if self._closing.is_set() and not self.decoder.rows and self._queue.empty():
+                break
+            try:
+                if new := self._admit():
+                    self.decoder.add(new)
+                if self.decoder.rows:
+                    self.peak_rows = max(self.peak_rows, len(self.decoder.rows))
+                    self.decoder.step()
+                    self.steps += 1
+            except Exception:  # the requests involved got the error; keep serving the others
+                log.exception("engine: a decoding step failed")
+        self.decoder.cancel_all()
+        while not self._queue.empty():
+            self._queue.get_nowait().finish("cancelled")

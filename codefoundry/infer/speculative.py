@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from codefoundry.errors import UserError
+from codefoundry.infer.decode import cut_at_stop_id, fit_prompt
 from codefoundry.model import Transformer
 
 
@@ -35,21 +36,13 @@ def _accept(drafts: list[int], preds: list[int]) -> int:
 
 
 def _fit(model: Transformer, prompt_ids: list[int], max_new_tokens: int, k: int) -> tuple[list[int], int]:
-    """Prompt tail and token budget that leave room for the last verification window."""
+    """Prompt tail and token budget that leave room for the last verification window (the
+    shared prompt-fitting rule with ``k`` more tokens to hold)."""
     max_len = model.cfg.max_seq_len
     if not prompt_ids:
         raise UserError("speculative decoding needs a non-empty prompt")
-    keep = max(1, max_len - max_new_tokens - k)
-    prompt = list(prompt_ids)[-keep:]
+    prompt = fit_prompt(prompt_ids, max_new_tokens + k, max_len)
     return prompt, max(0, min(max_new_tokens, max_len - len(prompt) - k))
-
-
-def _finish(out: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    out = out[:max_new_tokens]
-    for i, t in enumerate(out):
-        if t in stop_ids:
-            return out[:i + 1]
-    return out
 
 
 def _stats(out: list[int], calls: int, drafted: int, accepted: int) -> dict[str, Any]:
@@ -93,7 +86,7 @@ def mtp_speculative_generate(model: Transformer, prompt_ids: list[int], max_new_
         drafted, accepted = drafted + len(drafts), accepted + n_ok
         out.extend(drafts[:n_ok] + [preds[n_ok]])
         h = h_all[:, n_ok:n_ok + 1]
-    out = _finish(out, budget, stop_ids)
+    out = cut_at_stop_id(out[:budget], stop_ids)
     return out, _stats(out, calls, drafted, accepted)
 
 
@@ -140,5 +133,5 @@ def draft_speculative_generate(target: Transformer, draft: Transformer, prompt_i
             # The draft fed pending + drafts[:-1]; keep what was accepted, queue what it has not seen.
             dcache.truncate(min(dstart + len(pending) + n_ok, dcache.pos))
             pending = (drafts[-1:] if n_ok == n else []) + out[-1:]
-    out = _finish(out, budget, stop_ids)
+    out = cut_at_stop_id(out[:budget], stop_ids)
     return out, _stats(out, calls, drafted, accepted) | {"draft_calls": draft_calls}
