@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import multiprocess
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor
@@ -110,6 +111,9 @@ def make_executor(pipeline: list[PipelineStep], tasks: int, workers: int, loggin
                   opts: ExecutorOptions, depends: PipelineExecutor | None = None) -> PipelineExecutor:
     """One stage's executor. ``depends`` chains Slurm jobs; local and Ray stages run in order anyway."""
     if opts.kind == "local":
+        # Workers fork from datatrove's forkserver: with the pipeline's modules imported there once,
+        # a worker starts without importing numpy, datatrove and the tokenizer again (~0.3 CPU s each).
+        multiprocess.get_context("forkserver").set_forkserver_preload(["codefoundry.data.pipeline"])
         return QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir)
     if opts.kind == "ray":
         return QuietRayExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir)
