@@ -33,13 +33,15 @@ class Reply:
 
 
 def assistant_reply(tok: CodeTokenizer, messages: list[dict[str, Any]], params: SamplingParams, run: RunRequest,
-                    context: int, on_text: Callable[[str], None] | None = None, tools: bool = True) -> Reply:
-    """The model's next assistant message for ``messages``.
+                    context: int, on_text: Callable[[str], None] | None = None, tools: bool = True,
+                    schemas: list[dict[str, Any]] | None = None) -> Reply:
+    """The model's next assistant message for ``messages`` (``schemas``: the request's tool
+    definitions, for a chat template that lists them).
 
     RequestRejected when the conversation leaves no room in the ``context`` to answer.
     """
     s = tok.special_ids
-    prompt = render_chat(tok, messages, add_generation_prompt=True).ids
+    prompt = render_chat(tok, messages, add_generation_prompt=True, tools=schemas).ids
     room = context - len(prompt)
     if room < 1:
         raise RequestRejected(f"the conversation ({len(prompt)} tokens) fills the model's context of {context}")

@@ -112,11 +112,13 @@ def register(subparsers) -> None:
                         "(default: where the host allows it)")
     a.set_defaults(func=run_agent)
 
-    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (+ /infill) with request batching")
+    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (+ /infill, a chat page, /metrics) with continuous batching")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="model id reported by the API (default: checkpoint dir name)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-batch", type=int, default=8, help="rows decoded together (continuous batching)")
+    s.add_argument("--max-concurrent", type=int, default=64,
+                   help="generation requests in flight; more get 503 with Retry-After")
     s.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     add_load_args(s)
@@ -176,21 +178,24 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from codefoundry.infer.server import ServerLimits, serve
+    except ImportError as exc:
+        raise UserError(f"serve needs the 'serve' extra ({exc.name} is missing): pip install 'codefoundry[serve]'") from None
     from codefoundry.infer.engine import Engine
-    from codefoundry.infer.server import ServerLimits, make_server
 
     model, tok = load_from_args(args)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    with Engine(model, tok, max_batch=args.max_batch) as engine:
-        try:
-            server = make_server(engine, tok, args.host, args.port, name,
-                                 ServerLimits(max_tokens=min(args.max_tokens, model.cfg.max_seq_len - 1)), args.api_key)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
-        host, port = server.server_address[:2]
-        print(f"serving {name} on http://{host}:{port}/v1 (completions, chat/completions) and /infill", flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
+    limits = ServerLimits(max_tokens=min(args.max_tokens, model.cfg.max_seq_len - 1),
+                          max_concurrent=args.max_concurrent)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_pending=max(256, args.max_concurrent))
+
+    def ready(url: str) -> None:
+        print(f"serving {name} on {url}/v1 (completions, chat/completions), {url}/infill, and a page at {url}/",
+              flush=True)
+
+    try:
+        serve(engine, tok, args.host, args.port, name, limits, args.api_key, on_ready=ready)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
     return 0

@@ -229,6 +229,10 @@ class Engine:
         return self._queue.qsize()
 
     @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    @property
     def active_rows(self) -> int:
         return len(self.decoder.rows)
 

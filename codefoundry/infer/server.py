@@ -1,48 +1,53 @@
-"""`codefoundry serve`: OpenAI-compatible HTTP endpoints over the batching engine.
+"""`codefoundry serve`: the OpenAI-compatible API on FastAPI + uvicorn over the continuous-batching engine.
 
-* ``POST /v1/completions`` — text completion (``prompt``: a string or a list of strings);
-* ``POST /v1/chat/completions`` — chat in the model's template; when the request lists
-  ``tools``, a tool call made by the model comes back as OpenAI ``tool_calls``;
+* ``POST /v1/completions`` — text completion (``prompt``: a string or a list of strings; ``n``,
+  ``echo``, ``logprobs``);
+* ``POST /v1/chat/completions`` — chat in the model's template; with ``tools`` a tool call made
+  by the model comes back as OpenAI ``tool_calls``; ``logprobs``/``top_logprobs``;
 * ``POST /infill`` — editor completion: ``{"prefix", "suffix"}`` (llama.cpp's
-  ``input_prefix``/``input_suffix`` are accepted too) -> ``{"content"}``;
-* ``GET /v1/models``, ``GET /health``.
+  ``input_prefix``/``input_suffix`` too) -> ``{"content"}``;
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (a chat and
+  infill page), ``/openapi.json`` and ``/docs``.
 
-Generation endpoints stream server-sent events with ``"stream": true`` and report
-``usage`` token counts. Bad requests get a 4xx JSON error ``{"error": {"message", "type",
-"code"}}`` and the server keeps serving. It is the standard library's threaded HTTP server
-(no extra dependency): one thread per connection, all feeding one :class:`Engine`.
-For serving at scale, export the checkpoint to Hugging Face format and run it on vLLM.
+Generation endpoints stream server-sent events with ``"stream": true`` and report ``usage``.
+Errors keep OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
+request (validation included), 401, 404, 408 for a client too slow to send its request, 413
+for a body over the limit, 503 with ``Retry-After`` beyond the concurrency limit or while
+shutting down, 500 if generation itself fails. Every generation runs through one helper
+(:class:`_Job`) that streams text as it becomes safe and cancels the engine rows of a client
+that goes away, streaming or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from queue import SimpleQueue
-from typing import Any, Callable, Iterator
+from importlib import resources
+from typing import Any, AsyncIterator, Callable
 
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from codefoundry.infer import api_models as m
 from codefoundry.infer.chat import Reply, assistant_reply
 from codefoundry.infer.engine import Engine, EngineBusy, Request, RequestRejected, SamplingParams
+from codefoundry.infer.metrics import ServerMetrics
 from codefoundry.tokenizer import CodeTokenizer
-from codefoundry.tokenizer.chat import ChatFormatError, parse_tool_call, render_chat
+from codefoundry.tokenizer.chat import ChatFormatError, parse_tool_call
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("codefoundry.access")
 
-Json = dict[str, Any]
-DRAIN_LIMIT = 64 << 20  # refused bodies up to this size are read and discarded
-# A generation endpoint answers with a JSON body, or with a stream of SSE event payloads.
-Answer = tuple[Json | None, Iterator[Json] | None]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/infill")
+Work = Callable[[Callable[[str], None], Callable[[Request], None]], Any]  # work(on_text, run) -> result
 
 
 @dataclass(frozen=True)
@@ -50,242 +55,354 @@ class ServerLimits:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_tokens: int = 1024  # the most a request may ask for
     default_max_tokens: int = 256
-    max_prompts: int = 16  # prompts in one /v1/completions request
+    max_prompts: int = 16  # prompts x n in one /v1/completions request
+    max_concurrent: int = 64  # generation requests in flight; beyond that 503 + Retry-After
+    read_timeout_s: float = 20.0  # a client that takes longer to send its request head or body is cut off
     timeout_s: float = 300.0  # a generation still running after this is cancelled
+    grace_s: float = 10.0  # on shutdown, running rows get this long to finish
 
 
-def _get(body: Json, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ApiError(400, f"'{name}' has the wrong type ({type(value).__name__})")
-    return value
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
 
 
-class _Stream:
-    """Runs ``work(on_text, run)`` on a thread and yields its text deltas as they come, then
-    its result. Every engine request it makes is cancelled if the consumer goes away."""
+def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
-    _END = object()
 
-    def __init__(self, api: "Api", work: Callable[[Callable[[str], None], Callable[[Request], None]], Any]) -> None:
-        self.api, self.requests = api, []
-        self.events: SimpleQueue = SimpleQueue()
-        threading.Thread(target=self._target, args=(work,), daemon=True).start()
+def _error_response(exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(error_body(exc.status, str(exc), exc.code, exc.param), exc.status, headers=headers)
+
+
+class _Done:
+    """The end of one work of a :class:`_Job`: its result, or the exception it raised."""
+
+    def __init__(self, result: Any = None, error: Exception | None = None) -> None:
+        self.result, self.error = result, error
+
+
+class _Job:
+    """Runs each ``work(on_text, run)`` on a thread of its own and hands its events to the event
+    loop: ``(index, text)`` as text becomes safe to show, then ``(index, _Done)``. ``run``
+    decodes a request through the engine and waits for it. When the consumer stops (a streaming
+    client went away) or the client disconnects (checked while waiting), every engine request
+    the job made is cancelled, which frees its row at the next step."""
+
+    def __init__(self, api: "Api", works: list[Work]) -> None:
+        self.api, self.loop = api, asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.requests: list[Request] = []
+        self.closed = False
+        self.lock = threading.Lock()
+        self.pending = len(works)
+        for i, work in enumerate(works):
+            threading.Thread(target=self._target, args=(i, work), daemon=True).start()
+
+    def _put(self, item: tuple[int, Any]) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def _run(self, request: Request) -> None:
-        self.requests.append(request)
+        with self.lock:
+            self.requests.append(request)
+            if self.closed:
+                request.cancel()
         self.api.run(request)
 
-    def _target(self, work) -> None:
+    def _target(self, index: int, work: Work) -> None:
         try:
-            self.events.put((self._END, work(self.events.put, self._run)))
+            self._put((index, _Done(work(lambda text: self._put((index, text)), self._run))))
         except Exception as exc:
-            self.events.put((self._END, exc))
+            self._put((index, _Done(error=exc)))
 
-    def __iter__(self) -> Iterator[str | Any]:
+    async def events(self, http: HttpRequest) -> AsyncIterator[tuple[int, Any]]:
         try:
-            while True:
-                item = self.events.get()
-                if isinstance(item, tuple) and item and item[0] is self._END:
-                    if isinstance(item[1], Exception):
-                        raise item[1]
-                    yield item[1]
-                    return
+            while self.pending:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), 0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if isinstance(item[1], _Done):
+                    self.pending -= 1
+                    if item[1].error is not None:
+                        raise item[1].error
                 yield item
         finally:
+            self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
             for request in self.requests:
                 request.cancel()
 
 
 class Api:
-    """Validation, generation and response bodies, independent of the HTTP plumbing."""
+    """Validation, generation and response bodies."""
 
-    def __init__(self, engine: Engine, tokenizer: CodeTokenizer, model_name: str,
-                 limits: ServerLimits | None = None) -> None:
+    def __init__(self, engine: Engine, tokenizer: CodeTokenizer, model_name: str, limits: ServerLimits,
+                 metrics: ServerMetrics) -> None:
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
-        self.limits = limits or ServerLimits()
+        self.limits, self.metrics = limits, metrics
 
-    def params(self, body: Json, stop_ids: set[int], temperature: float = 1.0) -> SamplingParams:
-        max_tokens = _get(body, "max_completion_tokens", int, _get(body, "max_tokens", int))
-        max_tokens = min(self.limits.default_max_tokens, self.limits.max_tokens) if max_tokens is None else max_tokens
-        if not 1 <= max_tokens <= self.limits.max_tokens:
-            raise ApiError(400, f"max_tokens must be between 1 and {self.limits.max_tokens}")
-        temperature = float(_get(body, "temperature", (int, float), temperature))
-        top_p = float(_get(body, "top_p", (int, float), 1.0))
-        if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
-            raise ApiError(400, "temperature must be in [0, 2] and top_p in (0, 1]")
-        stop = _get(body, "stop", (str, list), [])
-        stop = [stop] if isinstance(stop, str) else stop
-        if len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, "'stop' must be a string or a list of at most 4 strings")
-        if _get(body, "n", int, 1) != 1:
-            raise ApiError(400, "only n=1 is supported")
-        if body.get("ignore_eos") is True:  # vLLM's extension: always run to max_tokens (benchmarks)
-            stop_ids = set()
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              top_k=_get(body, "top_k", int, 0), stop=stop, stop_ids=stop_ids,
-                              seed=_get(body, "seed", int))
-
-    def check(self, request: Request, body: Json | None = None) -> None:
-        """4xx unless the engine can take ``request``. When the client left max_tokens unset,
-        the default shrinks to the room the prompt leaves in the context."""
-        if body is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            room = self.engine.context - len(request.prompt_ids)
-            request.params = replace(request.params, max_tokens=max(1, min(request.params.max_tokens, room)))
+    def params(self, body: m.Sampling, stop_ids: set[int], temperature: float = 1.0,
+               max_tokens: int | None = None, logprobs: int | None = None) -> SamplingParams:
+        max_tokens = max_tokens if max_tokens is not None else body.max_tokens
+        if max_tokens is not None and max_tokens > self.limits.max_tokens:
+            raise ApiError(400, f"max_tokens must be between 1 and {self.limits.max_tokens}", param="max_tokens")
         try:
-            self.engine.check(request)
+            return SamplingParams(
+                max_tokens=max_tokens or min(self.limits.default_max_tokens, self.limits.max_tokens),
+                temperature=temperature if body.temperature is None else body.temperature,
+                top_p=body.top_p, top_k=body.top_k, stop=body.stops(),
+                stop_ids=set() if body.ignore_eos else stop_ids, seed=body.seed, logprobs=logprobs)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def fit(self, prompt_ids: list[int], params: SamplingParams, explicit: bool) -> SamplingParams:
+        """``params`` for this prompt: 400 unless prompt + max_tokens fits the context. When the client
+        left max_tokens unset, the default shrinks to the room the prompt leaves."""
+        room = self.engine.context - len(prompt_ids)
+        if not explicit:
+            params = replace(params, max_tokens=max(1, min(params.max_tokens, room)))
+        try:
+            self.engine.check(Request(prompt_ids, params))
         except EngineBusy as exc:
             raise ApiError(503, str(exc), "server_busy") from None
         except RequestRejected as exc:
             raise ApiError(400, str(exc), "context_length_exceeded") from None
+        return params
 
     def run(self, request: Request) -> None:
         """Decode ``request`` through the engine and wait for it (cancelled after the timeout)."""
-        self.check(request)
-        self.engine.submit(request)
-        self.wait(request)
-
-    def wait(self, request: Request) -> None:
+        try:
+            self.engine.submit(request)
+        except EngineBusy as exc:
+            raise ApiError(503, str(exc), "server_busy") from None
+        except RequestRejected as exc:
+            raise ApiError(400, str(exc), "context_length_exceeded") from None
         if not request.done.wait(self.limits.timeout_s):
             request.cancel()
             request.done.wait()
+        self.metrics.observe(request)
         if request.finish_reason == "error":
             raise ApiError(500, f"generation failed: {request.error}", "server_error")
 
-    def _meta(self, obj: str, prefix: str) -> Json:
-        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()),
-                "model": self.model_name}
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text) or [self.tok.bos_id]
+
+    def meta(self, prefix: str) -> dict[str, Any]:
+        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
 
     # --- /v1/completions ---------------------------------------------------------------------
 
-    def completions(self, body: Json) -> Answer:
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ApiError(400, "'prompt' must be a string or a non-empty list of strings")
-        if len(prompts) > self.limits.max_prompts:
-            raise ApiError(400, f"at most {self.limits.max_prompts} prompts per request")
-        params = self.params(body, {self.tok.eot_id})
-        requests = [Request(self.tok.encode(p) or [self.tok.bos_id], params) for p in prompts]
-        for r in requests:
-            self.check(r, body)
-        meta = self._meta("text_completion", "cmpl")
-        if body.get("stream"):
-            if len(requests) != 1:
-                raise ApiError(400, "streaming takes one prompt")
-            return None, self._stream_completion(requests[0], meta, _include_usage(body))
-        for r in requests:  # all queued before waiting, so they share a batch
-            self.engine.submit(r)
-        for r in requests:
-            self.wait(r)
-        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": _reason(r.finish_reason)}
+    async def completions(self, body: m.CompletionRequest, http: HttpRequest) -> Response:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) * body.n > self.limits.max_prompts:
+            raise ApiError(400, f"at most {self.limits.max_prompts} completions (prompts x n) per request", param="n")
+        if body.stream and body.logprobs is not None:
+            raise ApiError(400, "logprobs are returned only without streaming", param="logprobs")
+        params = self.params(body, {self.tok.eot_id}, logprobs=body.logprobs)
+        requests = []
+        for text in prompts:
+            ids = self.encode(text)
+            fitted = self.fit(ids, params, body.max_tokens is not None)
+            for i in range(body.n):
+                seed = None if body.seed is None else body.seed + i
+                requests.append(Request(ids, replace(fitted, seed=seed)))
+        job = _Job(self, [_decode(r) for r in requests])
+        meta = {**self.meta("cmpl"), "object": "text_completion"}
+        echo = [prompts[i // body.n] if body.echo else "" for i in range(len(requests))]
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                for i, text in enumerate(echo):
+                    if text:
+                        yield {**meta, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
+                async for i, item in job.events(http):
+                    if isinstance(item, str):
+                        choice = {"index": i, "text": item, "logprobs": None, "finish_reason": None}
+                    else:
+                        choice = {"index": i, "text": "", "logprobs": None, "finish_reason": _reason(item.result)}
+                    yield {**meta, "choices": [choice]}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {**meta, "choices": [], "usage": _usage(requests)}
+            return _sse(chunks())
+        await _drain(job, http)
+        choices = [{"index": i, "text": echo[i] + r.text, "finish_reason": _reason(r),
+                    "logprobs": None if body.logprobs is None else self._completion_logprobs(r, len(echo[i]))}
                    for i, r in enumerate(requests)]
-        usage = _usage(sum(len(r.prompt_ids) for r in requests), sum(len(r.completion_ids) for r in requests))
-        return {**meta, "choices": choices, "usage": usage}, None
+        return JSONResponse({**meta, "choices": choices, "usage": _usage(requests)})
 
-    def _stream_completion(self, request: Request, meta: Json, include_usage: bool) -> Iterator[Json]:
-        def work(on_text, run):
-            request.on_text = on_text
-            run(request)
-            return request
-
-        for item in _Stream(self, work):
-            if isinstance(item, str):
-                yield {**meta, "choices": [{"index": 0, "text": item, "logprobs": None, "finish_reason": None}]}
-        yield {**meta, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                    "finish_reason": _reason(request.finish_reason)}]}
-        if include_usage:
-            yield {**meta, "choices": [], "usage": _usage(len(request.prompt_ids), len(request.completion_ids))}
+    def _completion_logprobs(self, request: Request, offset: int) -> dict[str, Any]:
+        tokens = [self.tok.decode([t]) for t in request.completion_ids[:len(request.logprobs)]]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        top = [{self.tok.decode([a]): lp for a, lp in alts} for _, alts in request.logprobs]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in request.logprobs],
+                "top_logprobs": top if request.params.logprobs else None, "text_offset": offsets}
 
     # --- /v1/chat/completions ----------------------------------------------------------------
 
-    def chat(self, body: Json) -> Answer:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list")
-        tools = bool(body.get("tools"))
-        params = self.params(body, set())
+    async def chat(self, body: m.ChatRequest, http: HttpRequest) -> Response:
+        if body.stream and body.logprobs:
+            raise ApiError(400, "logprobs are returned only without streaming", param="logprobs")
+        if body.n > self.limits.max_prompts:
+            raise ApiError(400, f"at most {self.limits.max_prompts} choices per request", param="n")
+        messages = [msg.model_dump(exclude_none=True) for msg in body.messages]
+        schemas = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        tools = bool(schemas) and body.tool_choice != "none"
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = self.params(body, set(), max_tokens=max_tokens,
+                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         try:  # render once up front so a bad conversation gets a 400 even when streaming
-            prompt = render_chat(self.tok, messages, add_generation_prompt=True).ids
+            from codefoundry.tokenizer.chat import render_chat
+
+            prompt = render_chat(self.tok, messages, add_generation_prompt=True, tools=schemas).ids
         except ChatFormatError as exc:
-            raise ApiError(400, f"messages: {exc}") from None
-        self.check(Request(prompt, SamplingParams(max_tokens=1)))
-        meta = self._meta("chat.completion", "chatcmpl")
+            raise ApiError(400, f"messages: {exc}", param="messages") from None
+        self.fit(prompt, replace(params, max_tokens=1), True)
+        choices = [replace(params, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
+        calls: list[list[Request]] = [[] for _ in choices]
 
-        def work(on_text, run) -> Reply:
-            return assistant_reply(self.tok, messages, params, run, self.engine.context, on_text, tools)
+        def work(i: int) -> Work:
+            def reply(on_text: Callable[[str], None], run: Callable[[Request], None]) -> Reply:
+                def run_and_keep(request: Request) -> None:
+                    calls[i].append(request)
+                    run(request)
+                try:
+                    return assistant_reply(self.tok, messages, choices[i], run_and_keep, self.engine.context,
+                                           on_text, tools, schemas)
+                except RequestRejected as exc:
+                    raise ApiError(400, str(exc), "context_length_exceeded") from None
+            return reply
 
-        if body.get("stream"):
-            return None, self._stream_chat(_Stream(self, work), {**meta, "object": "chat.completion.chunk"},
-                                           _include_usage(body))
-        reply = work(None, self.run)
-        choice = {"index": 0, "message": _message(reply), "logprobs": None,
-                  "finish_reason": _reason(reply.finish_reason)}
-        return {**meta, "choices": [choice], "usage": _usage(reply.prompt_tokens, reply.completion_tokens)}, None
+        job = _Job(self, [work(i) for i in range(body.n)])
+        meta = {**self.meta("chatcmpl"), "object": "chat.completion"}
+        if body.stream:
+            chunk_meta = {**meta, "object": "chat.completion.chunk"}
 
-    def _stream_chat(self, stream: _Stream, meta: Json, include_usage: bool) -> Iterator[Json]:
-        def chunk(delta: Json, finish: str | None = None) -> Json:
-            return {**meta, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            def chunk(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+                return {**chunk_meta, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                   "finish_reason": finish}]}
 
-        yield chunk({"role": "assistant", "content": ""})
-        reply = None
-        for item in stream:
-            if isinstance(item, str):
-                yield chunk({"content": item})
-            else:
-                reply = item
-        delta: Json = {}
-        if reply.tool_call is not None:
-            delta["tool_calls"] = [{"index": 0, **call} for call in _message(reply)["tool_calls"]]
-        yield chunk(delta, _reason(reply.finish_reason))
-        if include_usage:
-            yield {**meta, "choices": [], "usage": _usage(reply.prompt_tokens, reply.completion_tokens)}
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                for i in range(body.n):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                replies: list[Reply] = []
+                async for i, item in job.events(http):
+                    if isinstance(item, str):
+                        yield chunk(i, {"content": item})
+                        continue
+                    reply: Reply = item.result
+                    replies.append(reply)
+                    delta: dict[str, Any] = {}
+                    if reply.tool_call is not None:
+                        delta["tool_calls"] = [{"index": 0, **call} for call in _message(reply)["tool_calls"]]
+                    yield chunk(i, delta, _reason(reply))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {**chunk_meta, "choices": [], "usage": _chat_usage(replies)}
+            return _sse(chunks())
+        replies = await _drain(job, http)
+        out = []
+        for i, reply in enumerate(replies):
+            logprobs = None
+            if body.logprobs and calls[i]:
+                logprobs = {"content": self._chat_logprobs(calls[i][0])}
+            out.append({"index": i, "message": _message(reply), "logprobs": logprobs, "finish_reason": _reason(reply)})
+        return JSONResponse({**meta, "choices": out, "usage": _chat_usage(replies)})
+
+    def _chat_logprobs(self, request: Request) -> list[dict[str, Any]]:
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.tok.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+                for t, (lp, alts) in zip(request.completion_ids, request.logprobs)]
 
     # --- /infill -------------------------------------------------------------------------------
 
-    def infill(self, body: Json) -> Answer:
-        prefix = _get(body, "input_prefix", str, _get(body, "prefix", str))
-        suffix = _get(body, "input_suffix", str, _get(body, "suffix", str, ""))
+    async def infill(self, body: m.InfillRequest, http: HttpRequest) -> Response:
+        prefix = body.input_prefix if body.input_prefix is not None else body.prefix
+        suffix = body.input_suffix if body.input_suffix is not None else (body.suffix or "")
         if prefix is None:
-            raise ApiError(400, "'prefix' is required ('suffix' defaults to empty)")
+            raise ApiError(400, "'prefix' is required ('suffix' defaults to empty)", param="prefix")
+        ids = self.tok.fim_prompt(prefix, suffix)
         # Editor completion is greedy unless the client asks otherwise.
-        request = Request(self.tok.fim_prompt(prefix, suffix),
-                          self.params(body, {self.tok.eot_id, self.tok.fim_pad_id}, temperature=0.0))
-        self.check(request, body)
-        if body.get("stream"):
-            def events() -> Iterator[Json]:
-                def work(on_text, run):
-                    request.on_text = on_text
-                    run(request)
-                for item in _Stream(self, work):
+        params = self.params(body, {self.tok.eot_id, self.tok.fim_pad_id}, temperature=0.0)
+        request = Request(ids, self.fit(ids, params, body.max_tokens is not None))
+        job = _Job(self, [_decode(request)])
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                async for _, item in job.events(http):
                     if isinstance(item, str):
                         yield {"content": item, "stop": False}
-                yield {"content": "", "stop": True, "finish_reason": _reason(request.finish_reason),
-                       "usage": _usage(len(request.prompt_ids), len(request.completion_ids))}
-            return None, events()
-        self.run(request)
-        return {"content": request.text, "finish_reason": _reason(request.finish_reason),
-                "usage": _usage(len(request.prompt_ids), len(request.completion_ids))}, None
+                yield {"content": "", "stop": True, "finish_reason": _reason(request), "usage": _usage([request])}
+            return _sse(chunks())
+        await _drain(job, http)
+        return JSONResponse({"content": request.text, "stop": True, "finish_reason": _reason(request),
+                             "usage": _usage([request])})
 
 
-def _include_usage(body: Json) -> bool:
-    opts = body.get("stream_options")
-    return isinstance(opts, dict) and bool(opts.get("include_usage"))
+def _decode(request: Request) -> Work:
+    def work(on_text: Callable[[str], None], run: Callable[[Request], None]) -> Request:
+        request.on_text = on_text
+        run(request)
+        return request
+    return work
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+async def _drain(job: _Job, http: HttpRequest) -> list[Any]:
+    """Every result of a non-streamed job, in order; a client that disconnects cancels it (499)."""
+    results: dict[int, Any] = {}
+    async for i, item in job.events(http):
+        if isinstance(item, _Done):
+            results[i] = item.result
+    if job.pending:
+        raise ApiError(499, "the client closed the request", "client_closed_request")
+    return [results[i] for i in sorted(results)]
+
+
+def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n".encode()
+        except ApiError as exc:
+            yield f"data: {json.dumps(error_body(exc.status, str(exc), exc.code, exc.param))}\n\n".encode()
+        except Exception as exc:  # a bug mid-stream: tell the client in the stream's own terms
+            log.error("stream failed", exc_info=exc)
+            yield f"data: {json.dumps(error_body(500, f'internal error: {exc.__class__.__name__}', 'server_error'))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(requests: list[Request]) -> dict[str, int]:
+    prompt = sum(len(r.prompt_ids) for r in requests)
+    completion = sum(len(r.completion_ids) for r in requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _reason(reason: str | None) -> str:
+def _chat_usage(replies: list[Reply]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in replies[:1])  # the same conversation for every choice
+    completion = sum(r.completion_tokens for r in replies)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _reason(result: Request | Reply) -> str:
     """OpenAI finish reasons: stop | length | tool_calls (a cancelled request ended early: stop)."""
-    return reason if reason in ("length", "tool_calls") else "stop"
+    return result.finish_reason if result.finish_reason in ("length", "tool_calls") else "stop"
 
 
-def _message(reply: Reply) -> Json:
-    message: Json = {"role": "assistant", "content": reply.content}
+def _message(reply: Reply) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.tool_call is not None:
         try:
             name, arguments = parse_tool_call(reply.tool_call)
@@ -296,124 +413,252 @@ def _message(reply: Reply) -> Json:
     return message
 
 
-class Handler(BaseHTTPRequestHandler):
-    """HTTP plumbing: JSON in, JSON or SSE out, errors as OpenAI-style JSON."""
+class Gate:
+    """Pure ASGI middleware in front of the app: the structured access log, the request read
+    timeout (408), the body size limit (413), the concurrency limit on generation (503 with
+    Retry-After) and the API key (401). The body is read here, whole, so the app never waits
+    on a slow client."""
 
-    protocol_version = "HTTP/1.1"
-    api: Api  # set on the subclass made by make_server
-    api_key: str | None = None
+    def __init__(self, app, limits: ServerLimits, metrics: ServerMetrics, api_key: str | None) -> None:
+        self.app, self.limits, self.metrics, self.api_key = app, limits, metrics, api_key
+        self.in_flight = 0
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, sent = time.perf_counter(), [0], [0]
 
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/health":
-            self._json(200, {"status": "ok"})
-        elif self.path.rstrip("/") == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": self.api.model_name, "object": "model",
-                                                         "created": 0, "owned_by": "codefoundry"}]})
-        else:
-            self._error(ApiError(404, f"no route GET {self.path}", "not_found"))
+        async def send_logged(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent[0] += len(message.get("body", b""))
+            await send(message)
 
-    def do_POST(self) -> None:
-        routes = {"/v1/completions": self.api.completions, "/v1/chat/completions": self.api.chat,
-                  "/infill": self.api.infill}
+        path = scope["path"].rstrip("/") or "/"
+        generation = scope["method"] == "POST" and path in GENERATION_PATHS
+        body = b""
         try:
-            route = routes.get(self.path.split("?")[0].rstrip("/"))
-            if route is None:
-                self._drain()
-                raise ApiError(404, f"no route POST {self.path}", "not_found")
-            self._authorize()
-            body, stream = route(self._body())
+            body = await self._read_body(scope, receive)
+            if generation:
+                self._authorize(scope)
+                if self.in_flight >= self.limits.max_concurrent:
+                    raise ApiError(503, f"the server is at its limit of {self.limits.max_concurrent} "
+                                        "concurrent requests; retry later", "server_busy")
         except ApiError as exc:
-            self._error(exc)
-            return
-        except Exception as exc:  # a bug must not take the server down: report it and carry on
-            log.exception("request failed")
-            self._error(ApiError(500, f"internal error: {exc.__class__.__name__}", "server_error"))
-            return
-        if stream is None:
-            self._json(200, body)
+            await _error_response(exc)(scope, receive, send_logged)
         else:
-            self._sse(stream)
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
 
-    def _authorize(self) -> None:
-        if self.api_key and self.headers.get("Authorization") != f"Bearer {self.api_key}":
-            self._drain()
+            async def receive_replayed():
+                return replay.pop() if replay else await receive()
+
+            self.in_flight += generation
+            try:
+                await self.app(scope, receive_replayed, send_logged)
+            finally:
+                self.in_flight -= generation
+        duration = time.perf_counter() - start
+        self.metrics.request(path if path in GENERATION_PATHS else "other", status[0], duration)
+        access_log.info(json.dumps({"ts": round(time.time(), 3), "client": (scope.get("client") or ["?"])[0],
+                                    "method": scope["method"], "path": scope["path"], "status": status[0],
+                                    "bytes_in": len(body), "bytes_out": sent[0],
+                                    "duration_ms": round(duration * 1000, 1)}))
+
+    async def _read_body(self, scope, receive) -> bytes:
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and int(declared) > self.limits.max_body_bytes:  # h11 has checked it is digits
+            raise ApiError(413, f"request body is {int(declared)} bytes; the limit is {self.limits.max_body_bytes}",
+                           "request_too_large")
+        chunks, size = [], 0
+        deadline = time.monotonic() + self.limits.read_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within {self.limits.read_timeout_s:g} s",
+                               "request_timeout") from None
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "the client disconnected", "client_closed_request")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                raise ApiError(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes",
+                               "request_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _authorize(self, scope) -> None:
+        if self.api_key is None:
+            return
+        headers = dict(scope.get("headers") or [])
+        if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
             raise ApiError(401, "missing or wrong API key", "invalid_api_key")
 
-    def _drain(self) -> None:
-        """Read and discard the body, so the client sees our answer instead of a reset
-        connection; one too big to be worth reading just closes the connection afterwards."""
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        if length > DRAIN_LIMIT:
-            self.close_connection = True
-            return
-        while length > 0:
-            chunk = self.rfile.read(min(length, 1 << 16))
-            if not chunk:
-                break
-            length -= len(chunk)
 
-    def _body(self) -> Json:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(411, "a Content-Length header is required") from None
-        if length > self.api.limits.max_body_bytes:
-            self._drain()
-            self.close_connection = True
-            raise ApiError(413, f"request body is {length} bytes; the limit is {self.api.limits.max_body_bytes}",
-                           "request_too_large")
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
+def timed_protocol(read_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline on the request head: uvicorn times out idle
+    keep-alive connections but not a client that sends its headers slowly or never finishes
+    them. Such a client gets 408 and is disconnected after ``read_timeout_s``."""
 
-    def _json(self, status: int, obj: Json) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    class TimedH11(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
 
-    def _error(self, exc: ApiError) -> None:
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        self._json(exc.status, {"error": {"message": str(exc), "type": kind, "code": exc.code}})
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
 
-    def _sse(self, events: Iterator[Json]) -> None:
-        """Server-sent events; the response ends with the connection (no Content-Length)."""
-        self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        try:
-            for event in events:
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
-        except ApiError as exc:
-            self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc), 'code': exc.code}})}\n\n".encode())
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("client went away mid-stream")  # the stream's requests were cancelled
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # the head has arrived; Gate times the body
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(read_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+    return TimedH11
 
 
-def make_server(engine: Engine, tokenizer: CodeTokenizer, host: str = "127.0.0.1", port: int = 8000,
-                model_name: str = "codefoundry", limits: ServerLimits | None = None,
-                api_key: str | None = None) -> ThreadingHTTPServer:
-    """A ready server (port 0 picks a free one: see ``server.server_address``); call serve_forever()."""
-    handler = type("BoundHandler", (Handler,), {"api": Api(engine, tokenizer, model_name, limits),
-                                                "api_key": api_key})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+def make_app(engine: Engine, tokenizer: CodeTokenizer, model_name: str = "codefoundry",
+             limits: ServerLimits | None = None, api_key: str | None = None) -> Gate:
+    """The ASGI application (wrapped in :class:`Gate`); :func:`serve` runs it under uvicorn."""
+    limits = limits or ServerLimits()
+    metrics = ServerMetrics(engine)
+    api = Api(engine, tokenizer, model_name, limits, metrics)
+    errors = {status: {"model": m.ErrorResponse} for status in (400, 401, 408, 413, 500, 503)}
+    app = FastAPI(title="codefoundry", version="1", description=__doc__.split("\n\n")[0])
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            message = "request body is not valid JSON"
+        return JSONResponse(error_body(400, message, "invalid_request_error", where), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def crashed(_: HttpRequest, exc: Exception) -> JSONResponse:  # a bug must not take the server down
+        log.error("request failed", exc_info=exc)
+        return JSONResponse(error_body(500, f"internal error: {exc.__class__.__name__}", "server_error"), 500)
+
+    @app.post("/v1/completions", response_model=m.Completion, responses=errors)
+    async def completions(body: m.CompletionRequest, http: HttpRequest) -> Response:
+        return await api.completions(body, http)
+
+    @app.post("/v1/chat/completions", response_model=m.ChatCompletion, responses=errors)
+    async def chat(body: m.ChatRequest, http: HttpRequest) -> Response:
+        return await api.chat(body, http)
+
+    @app.post("/infill", response_model=m.Infill, responses=errors)
+    async def infill(body: m.InfillRequest, http: HttpRequest) -> Response:
+        return await api.infill(body, http)
+
+    @app.get("/v1/models", response_model=m.ModelList)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "codefoundry"}]}
+
+    @app.get("/health", response_model=m.Health)
+    async def health() -> dict[str, Any]:
+        return {"status": "shutting_down" if engine.closing else "ok", "active_rows": engine.active_rows,
+                "queue_depth": engine.queue_depth}
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("codefoundry.infer").joinpath("web/index.html").read_text())
+
+    return Gate(app, limits, metrics, api_key)
+
+
+def server_config(app, host: str, port: int, limits: ServerLimits, log_level: str = "warning"):
+    """uvicorn settings: a backlog of 2048 (5 reset clients at 32 concurrent), head/body read
+    timeouts, a 5 s keep-alive and a graceful shutdown that lets streams finish."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, backlog=2048, http=timed_protocol(limits.read_timeout_s),
+                          timeout_keep_alive=5, timeout_graceful_shutdown=limits.grace_s, access_log=False,
+                          log_level=log_level, lifespan="off", h11_max_incomplete_event_size=64 << 10)
+
+
+def serve(engine: Engine, tokenizer: CodeTokenizer, host: str, port: int, model_name: str,
+          limits: ServerLimits, api_key: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; then stop taking requests, let running rows finish
+    for ``limits.grace_s`` and cancel what is left."""
+    import uvicorn
+
+    server = uvicorn.Server(server_config(make_app(engine, tokenizer, model_name, limits, api_key), host, port,
+                                          limits, "info"))
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started and on_ready is not None:
+            bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
+            on_ready(f"http://{bound_host}:{bound_port}")
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close(limits.grace_s)
+
+
+class BackgroundServer:
+    """The app under uvicorn on a thread (tests, benches): ``with BackgroundServer(app) as url: ...``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(server_config(app, host, port, limits or ServerLimits()))
+        self.server.install_signal_handlers = lambda: None
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
