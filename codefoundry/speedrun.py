@@ -1,6 +1,9 @@
 """`codefoundry speedrun`: raw code -> tokenizer -> shards -> pretrained model -> report.
 
-Every stage is the same code as its stand-alone command, and writes into ``--out``::
+This module is the default CPU run. A reference recipe with a ``data:`` section
+(``--recipe nanocode``) runs the GPU pipeline instead: hub download, SFT, pass@k, agent demo
+(:mod:`codefoundry.speedrun_recipe`). Every stage is the same code as its stand-alone command,
+and writes into ``--out``::
 
     OUT/tokenizer.json   OUT/data/{train,val}/   OUT/run/{checkpoint,metrics.jsonl}
     OUT/report.md        OUT/loss.png            OUT/results.json

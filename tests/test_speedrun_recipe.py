@@ -65,7 +65,7 @@ def test_sft_hub_readers_read_the_real_column_layouts(tmp_path):
         records = list(Source.parse(f"hub:{name}={files[name]}@0.5").records())
         assert len(render_examples(records, tok, 1024)) == n
     gsm = next(Source.parse(f"hub:gsm8k={files['gsm8k']}").records())["messages"]
-    assert gsm[1]["content"].endswith("apples.\nThe answer is 7.")
+    assert gsm[1]["content"] == "He has 3 + 4 = 7 apples.\nThe answer is 7."
     alpaca = next(Source.parse(f"hub:codealpaca={files['codealpaca']}").records())["messages"]
     assert alpaca[0]["content"] == "Add two numbers.\n\ndef add(a, b):" and alpaca[1]["content"] == "return a + b"
     # a file without the dataset's columns is counted with its rows; a dataset with none is an error

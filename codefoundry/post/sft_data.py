@@ -25,10 +25,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -78,9 +80,13 @@ class Skipped:
     rows: int = 1
 
 
+CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: "3 + 4 = <<3+4=7>>7"
+
+
 def _gsm8k(row: dict[str, Any]) -> Messages:
-    """GSM8K's answer is the worked solution then ``#### N``; the reply keeps both, in words."""
-    work, _, final = str(row["answer"]).rpartition("####")
+    """GSM8K's answer is the worked solution then ``#### N``; the reply keeps both, in words,
+    without the calculator annotations."""
+    work, _, final = CALCULATOR_NOTE.sub("", str(row["answer"])).rpartition("####")
     reply = f"{work.strip()}\nThe answer is {final.strip()}." if work else str(row["answer"])
     return [{"role": "user", "content": str(row["question"])}, {"role": "assistant", "content": reply}]
 
@@ -174,7 +180,7 @@ class Source:
     weight: float = 1.0
 
     @classmethod
-    def parse(cls, spec: str) -> "Source":
+    def parse(cls, spec: str) -> Source:
         """``PATH[@WEIGHT]``, ``hf:NAME[:SPLIT][@WEIGHT]``, or ``hub:NAME[=LOCAL_PATH][@WEIGHT]``."""
         location, _, weight = spec.rpartition("@") if "@" in spec else (spec, "", "")
         try:
