@@ -14,7 +14,12 @@ import pytest
 
 from codefoundry.eval.benchmarks import load_problems
 from codefoundry.eval.sandbox import CheckedProgram, Sandbox, SandboxLimits
-from codefoundry.eval.score import checked_program, markdown, score_samples, trusted_prelude
+from codefoundry.eval.score import (
+    checked_program,
+    markdown,
+    score_samples,
+    trusted_prelude,
+)
 
 
 @pytest.fixture(scope="module")

@@ -213,7 +213,7 @@ class Sandbox:
         themselves when this process dies)."""
         self._finalizer()
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -270,7 +270,8 @@ def namespaces_available() -> str | None:
            "tmpfs_bytes": 1 << 20, "file_bytes": 1 << 20, "status_fd": status_w}
     try:
         proc = subprocess.run([sys.executable, "-I", str(LAUNCHER), "--command", json.dumps(job)], cwd="/",
-                              stdin=subprocess.DEVNULL, capture_output=True, pass_fds=(status_w,), timeout=30)
+                              stdin=subprocess.DEVNULL, capture_output=True, pass_fds=(status_w,), timeout=30,
+                              check=False)
     except subprocess.TimeoutExpired:
         return "the namespace probe did not finish"
     finally:

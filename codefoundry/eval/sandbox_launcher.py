@@ -342,7 +342,7 @@ def decode(data, handle, module=None) -> object:
         if tag in _SEQUENCES and type(body) is list:
             return _SEQUENCES[tag](decode(v, handle, module) for v in body)
         if tag in _MAPPINGS and type(body) is list:
-            pairs = dict((decode(k, handle, module), decode(v, handle, module)) for k, v in body)
+            pairs = {decode(k, handle, module): decode(v, handle, module) for k, v in body}
             return _MAPPINGS[tag](pairs)  # from a dict: Counter(pairs) would count the pairs
         if tag == "i" and type(body) is str:
             return int(body, 16)
@@ -504,9 +504,9 @@ class Remote:
     calls, attributes, iteration, len, truth, indexing and ``in`` (each a round trip);
     equality and hashing are by identity, so the program's ``__eq__`` is never consulted."""
 
-    __slots__ = ("_ref", "_link")
+    __slots__ = ("_link", "_ref")
 
-    def __init__(self, ref: int, link: "Link") -> None:
+    def __init__(self, ref: int, link: Link) -> None:
         object.__setattr__(self, "_ref", ref)
         object.__setattr__(self, "_link", link)
 

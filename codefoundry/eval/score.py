@@ -22,7 +22,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from codefoundry.errors import UserError
-from codefoundry.eval.benchmarks import Problem, get_benchmark, load_problems, read_records
+from codefoundry.eval.benchmarks import (
+    Problem,
+    get_benchmark,
+    load_problems,
+    read_records,
+)
 from codefoundry.eval.passk import mean_pass_at_k
 from codefoundry.eval.sandbox import CheckedProgram, Sandbox, SandboxLimits
 from codefoundry.progress import Progress

@@ -35,9 +35,10 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 from codefoundry.eval.sandbox import LAUNCHER, namespaces_available
 
