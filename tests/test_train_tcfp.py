@@ -91,3 +91,44 @@ def test_tiny_model_born_quantized_trains_like_fp32(tmp_path):
 
     fp32, quant = final_loss("default"), final_loss("tcfp12")
     assert abs(quant - fp32) / fp32 < 0.03, (quant, fp32)
+
+
+INTERPRETED_CHECK = """
+import torch
+from codefoundry.train import tcfp, tcfp_triton
+
+torch.manual_seed(0)
+for m, n, k in [(16, 16, 32), (40, 50, 96), (70, 33, 80)]:  # ragged tiles, K padded to whole blocks
+    x = torch.randn(m, k) * torch.logspace(-3, 2, k)  # blocks of very different magnitude
+    w = torch.randn(n, k) * 0.05
+    qx, qw = tcfp.quantize(x), tcfp.quantize(w, amax=tcfp.block_amax(w) * 0.5)  # delayed scale: saturation
+    got = tcfp_triton.tcfp12_matmul(qx, qw, block_m=32, block_n=32)
+    torch.testing.assert_close(got, tcfp.dequantize(qx) @ tcfp.dequantize(qw).t(), atol=1e-5, rtol=1e-5)
+assert not tcfp_triton.available(torch.device("cpu"))  # used only on FP8 GPUs
+
+layer = tcfp.TCFPLinear(64, 48, stochastic_rounding=False)
+x = torch.randn(2, 5, 64, requires_grad=True)
+want = layer(x)
+kernel, calls = tcfp_triton.tcfp12_matmul, []
+tcfp_triton.available = lambda device: True
+tcfp_triton.tcfp12_matmul = lambda *a: calls.append(1) or kernel(*a, 32, 32)
+got = layer(x)
+assert calls, "the layer did not take the kernel"
+torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+got.sum().backward()
+assert x.grad.shape == x.shape and layer.weight.grad.shape == layer.weight.shape
+print("ok")
+"""
+
+
+def test_triton_kernel_equals_the_emulated_reference_under_the_interpreter():
+    """The FP8 GEMM kernel run by Triton's CPU interpreter (which must be on before triton is imported,
+    hence a fresh process) against dequantize-then-matmul; and TCFPLinear taking it where available."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

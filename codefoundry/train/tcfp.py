@@ -20,8 +20,10 @@ stay in full precision and gradients pass straight through the rounding. Weight 
 scales can be *delayed*: taken from an EMA of past block amaxes rather than the current
 one, so scales stay stable step to step (values beyond the delayed range saturate).
 
-Here the format is emulated in PyTorch (quantize, then dequantize for the matmul), which
-is exact about the numerics and runs anywhere; it is a correctness path, not a fast one.
+Where the GPU has FP8 tensor cores and Triton is installed, the forward GEMM runs on the codes
+themselves (:mod:`codefoundry.train.tcfp_triton`: FP8 MMAs with per-block scale promotion).
+Everywhere else, and for the two backward GEMMs, the format is emulated in PyTorch (quantize,
+then dequantize for the matmul): exact about the numerics, runs anywhere, not fast.
 """
 
 from __future__ import annotations
@@ -116,11 +118,18 @@ class _TCFPMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, w_amax: torch.Tensor | None,
                 quantize_grad: bool, stochastic: bool) -> torch.Tensor:
-        xq = fake_quantize(x)
-        wq = fake_quantize(weight, amax=w_amax)
+        from codefoundry.train import tcfp_triton
+
+        if tcfp_triton.available(x.device):
+            codes_x, codes_w = quantize(x), quantize(weight, amax=w_amax)
+            y = tcfp_triton.tcfp12_matmul(codes_x, codes_w).view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+            xq, wq = dequantize(codes_x, x.dtype), dequantize(codes_w, weight.dtype)
+        else:
+            xq, wq = fake_quantize(x), fake_quantize(weight, amax=w_amax)
+            y = xq @ wq.t()
         ctx.save_for_backward(xq, wq)
         ctx.quantize_grad, ctx.stochastic = quantize_grad, stochastic
-        return xq @ wq.t()
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
