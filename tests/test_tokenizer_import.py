@@ -71,12 +71,14 @@ def test_tokenizer_import_keeps_data_prepare_working(tmp_path):
     from codefoundry.data.prepare import prepare
     from codefoundry.data.shards import Shard
 
-    src = pretrained_dir(tmp_path / "sc", STARCODER)
+    src = pretrained_dir(tmp_path / "sc", [*STARCODER, "<|im_start|>", "<|im_end|>"], {"chat_template": CHATML})
     tok = import_tokenizer(src, tmp_path / "tokenizer.json").tokenizer
     prepare([stdlib_root() / "json"], tok, tmp_path / "data", val_fraction=0.2, show_progress=False, fim_rate=1.0)
     train = Shard(tmp_path / "data" / "train")
     first = train.document(0)
     assert first[0] == tok.eot_id == 0 and first[1] == tok.fim_prefix_id == 1  # the tokenizer's own ids
+    prepared = CodeTokenizer.from_file(tmp_path / "data" / "tokenizer.json")  # what pretrain copies into checkpoints
+    assert prepared.config.chat_template == CHATML and prepared.special_ids == tok.special_ids
 
 
 def test_chatml_template_renders_as_transformers_and_masks_assistant_turns(tmp_path):

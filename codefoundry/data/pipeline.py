@@ -298,6 +298,9 @@ def prepare_pipeline(sources: list[SourceSpec], tokenizer: CodeTokenizer, out_di
     write_json(work, "fingerprint", fingerprint)
     with out.open("tokenizer.json", "w") as f:
         f.write(tokenizer_json)
+    if (tokenizer_config := tokenizer.config_json()) is not None:  # an imported tokenizer's template / FIM order
+        with out.open("tokenizer_config.json", "w") as f:
+            f.write(tokenizer_config)
 
     decontaminator, benchmark_files = None, {}
     if opt.decontaminate:

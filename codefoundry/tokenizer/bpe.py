@@ -22,7 +22,14 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from codefoundry.errors import UserError
 from codefoundry.tokenizer import special as sp
-from codefoundry.tokenizer.roles import RoleIds, TokenizerConfig, find_roles, read_config, write_config
+from codefoundry.tokenizer.roles import (
+    RoleIds,
+    TokenizerConfig,
+    config_text,
+    find_roles,
+    read_config,
+    write_config,
+)
 
 
 class CodeTokenizer:
@@ -91,6 +98,10 @@ class CodeTokenizer:
         """The tokenizer JSON, and beside it the sidecar config when it is not the default."""
         self.tk.save(str(path))
         write_config(path, self.config, self.role_tokens())
+
+    def config_json(self) -> str | None:
+        """The sidecar's content (tokenizer_config.json), or None for our own defaults (no sidecar)."""
+        return None if self.config.is_default() else config_text(self.config, self.role_tokens())
 
     @property
     def vocab_size(self) -> int:

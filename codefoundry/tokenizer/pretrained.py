@@ -18,7 +18,12 @@ from tokenizers import AddedToken, Tokenizer
 
 from codefoundry.errors import UserError
 from codefoundry.tokenizer.bpe import CodeTokenizer
-from codefoundry.tokenizer.roles import TokenizerConfig, find_roles, needed_roles, sidecar_path
+from codefoundry.tokenizer.roles import (
+    TokenizerConfig,
+    find_roles,
+    needed_roles,
+    sidecar_path,
+)
 
 
 @dataclass

@@ -150,8 +150,12 @@ def write_config(tokenizer_json: str | Path, config: TokenizerConfig, roles: dic
         path.unlink(missing_ok=True)
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config.to_hf(roles), indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(config_text(config, roles))
     os.replace(tmp, path)
+
+
+def config_text(config: TokenizerConfig, roles: dict[str, str]) -> str:
+    return json.dumps(config.to_hf(roles), indent=2, ensure_ascii=False) + "\n"
 
 
 def copy_tokenizer(tokenizer_json: str | Path, out_dir: str | Path) -> None:

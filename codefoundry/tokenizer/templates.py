@@ -22,6 +22,7 @@ from codefoundry.errors import UserError
 from codefoundry.tokenizer.bpe import CodeTokenizer
 from codefoundry.tokenizer.chat import ChatFormatError
 
+
 def render_text(tok: CodeTokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
                 tools: list[dict[str, Any]] | None = None) -> str:
     """The template's text for a conversation."""
