@@ -120,13 +120,18 @@ class _Job:
             self._put((index, _Done(error=exc)))
 
     async def events(self, http: HttpRequest) -> AsyncIterator[tuple[int, Any]]:
+        checked = time.monotonic()
         try:
             while self.pending:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), 0.25)
                 except asyncio.TimeoutError:
+                    item = None
+                if time.monotonic() - checked > 0.25:  # text may arrive steadily: look at the client anyway
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         return
+                if item is None:
                     continue
                 if isinstance(item[1], _Done):
                     self.pending -= 1
