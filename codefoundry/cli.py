@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from codefoundry.errors import UserError
+from codefoundry.extras import missing_message
 
 # Stage modules, in pipeline order. Each has register(subparsers).
 COMMAND_MODULES = [
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"codefoundry {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency the command imports lazily
+        if (message := missing_message(exc.name)) is None:
+            raise
+        print(f"codefoundry {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"codefoundry {args.command}: interrupted", file=sys.stderr)

@@ -151,7 +151,7 @@ def _quantize_with_torchao(model: Transformer, layers: list[tuple[str, nn.Linear
     """torchao's weight-only configs, for devices without the packed CPU kernels."""
     from codefoundry.extras import require
 
-    require("torchao", "quant")
+    require("torchao.quantization")
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
