@@ -1,6 +1,7 @@
 """The same stages under every executor, with fsspec folders: identical shards and filter counts
 (issue 17). Ray runs on a real local cluster; Slurm's generated sbatch scripts are checked and
-then run by bash with stand-ins for sbatch/srun/scontrol, since no Slurm controller runs here."""
+run by bash with stand-ins for sbatch/srun/scontrol, and where Debian's Slurm packages are
+installed a real one-node cluster (munged, slurmctld, slurmd) runs the jobs."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -163,9 +165,83 @@ def test_slurm_sbatch_scripts_and_dependencies_then_the_jobs_run(tiny_tokenizer,
     same_output(local_run, out)
 
 
-def test_slurm_needs_a_partition_and_a_real_cluster_is_not_run_here():
+def test_slurm_needs_a_partition():
     with pytest.raises(UserError, match="--slurm-partition"):
         ExecutorOptions("slurm")
-    if shutil.which("sinfo") is None:
-        pytest.skip("no Slurm controller on this machine (slurmctld + slurmd + munged daemons are not part of CI); "
-                    "the sbatch scripts are checked and executed above with stand-in sbatch/srun/scontrol")
+
+
+SLURM_CONF = """ClusterName=cftest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/munge
+AuthInfo=socket={dir}/munge.sock
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+MpiDefault=none
+ReturnToService=2
+NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 State=UNKNOWN
+PartitionName=cf Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+SLURM_BINARIES = ("mungekey", "munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
+
+
+@pytest.mark.slow
+def test_real_one_node_slurm_cluster_writes_the_same_shards(tiny_tokenizer, local_run, tmp_path, monkeypatch):
+    missing = [b for b in SLURM_BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+    if missing:
+        pytest.skip(f"no Slurm here ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client "
+                    "munge to run a real one-node cluster; the sbatch scripts are still checked and run above")
+    if os.geteuid() != 0:
+        pytest.skip("a one-node Slurm cluster needs root (slurmd launches the jobs)")
+    tok, _ = tiny_tokenizer
+    d = Path(tempfile.mkdtemp(prefix="cfslurm", dir="/tmp"))
+    for sub in ("state", "spool"):
+        (d / sub).mkdir()
+    d.chmod(0o700)  # munged refuses a key or socket in a folder others can write
+    conf = d / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), ctld_port=_free_port(), d_port=_free_port(), dir=d))
+    sbin = lambda name: shutil.which(name) or f"/usr/sbin/{name}"  # noqa: E731
+    subprocess.run([sbin("mungekey"), "-c", "-k", str(d / "munge.key")], check=True)
+    daemons = [subprocess.Popen([sbin("munged"), "-F", "--force", f"--socket={d}/munge.sock", f"--key-file={d}/munge.key",
+                                 f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/seed"],
+                                start_new_session=True)]
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    try:
+        time.sleep(0.5)
+        daemons.append(subprocess.Popen([sbin("slurmctld"), "-D", "-f", str(conf)], start_new_session=True))
+        time.sleep(1)
+        daemons.append(subprocess.Popen([sbin("slurmd"), "-D", "-f", str(conf)], start_new_session=True))
+        deadline = time.time() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout:
+            assert time.time() < deadline, "the one-node Slurm cluster did not come up: " + (d / "slurmctld.log").read_text()
+            time.sleep(0.5)
+        out = tmp_path / "slurm"
+        execution = ExecutorOptions("slurm", slurm_partition="cf", slurm_time="00:10:00")
+        jobs = prepare(SOURCES, tok, out, 0.2, workers=1, execution=execution, **OPTS)["slurm_jobs"]
+        deadline = time.time() + 300
+        while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            assert time.time() < deadline, f"slurm jobs {jobs} still queued"
+            time.sleep(1)
+        result = prepare(SOURCES, tok, out, 0.2, workers=1, execution=execution, **OPTS)
+        assert "train" in result, (d / "slurmctld.log").read_text()[-3000:]
+        same_output(local_run, out)
+    finally:
+        for p in reversed(daemons):  # only the daemons this test started
+            p.terminate()
+            p.wait(timeout=30)
+        shutil.rmtree(d, ignore_errors=True)
