@@ -74,9 +74,10 @@ def list_files(spec: str, languages: list[str] | None = None, root: str | None =
         if any("{language}" in p for p in corpus.patterns) else list(corpus.patterns)
     try:
         found = fs.find(root, detail=True)
-    except (FileNotFoundError, OSError) as exc:
+    except Exception as exc:  # no network, no access, no such repo: each the user's to fix, in one line
         hint = " (gated: accept its terms on the hub and set HF_TOKEN)" if corpus.gated else ""
-        raise UserError(f"cannot list {corpus.repo}{hint}: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"cannot list {corpus.repo}{hint}: {type(exc).__name__}: {exc}; "
+                        "or pass --source / --hub-mirror with local files") from None
     files = []
     for path, info in sorted(found.items()):
         rel = path[len(root):].lstrip("/") if path.startswith(root) else path

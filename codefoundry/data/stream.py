@@ -87,7 +87,7 @@ def _remote_listing(spec: SourceSpec, languages: set[str] | None,
         mirror, root = None, f"datasets/{name}/{dict(parse_qsl(query)).get('data_dir', '')}".rstrip("/")
         try:
             paths = sorted(hub_corpus.default_fs().find(root))
-        except (FileNotFoundError, OSError) as exc:
+        except Exception as exc:  # no network, no access, no such dataset
             raise UserError(f"cannot list {spec.location}: {type(exc).__name__}: {exc}") from None
     return [(p if mirror else "hf://" + p, p[len(root):].lstrip("/")) for p in paths]
 

@@ -145,7 +145,7 @@ def hub_records(name: str, local: str | None = None, fs: Any = None) -> Iterator
             fs = default_fs()
         try:
             files = sorted(fs.glob(f"{spec.hub_folder()}/*.parquet"))
-        except (FileNotFoundError, OSError) as exc:
+        except Exception as exc:  # no network, no access, no such dataset
             raise UserError(f"cannot list {spec.repo} on the hub ({type(exc).__name__}: {exc})") from None
         opener = fs.open
     usable = 0
