@@ -48,10 +48,12 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     d = sub.add_parser("prepare", help="filter, dedup, decontaminate and tokenize code into train/val shards")
     d.add_argument("--source", action="append", default=[],
-                   help="folder of code, JSONL(.gz/.zst) or Parquet file/folder, or hf:NAME[?split=..&data_dir=..]; "
+                   help="folder of code, JSONL(.gz/.zst) or Parquet file/folder (a path or fsspec URL: s3://, "
+                        "file://, ...), or hf:NAME[?split=..&data_dir=..]; "
                         "append =WEIGHT to mix (0.5 keeps half, 2 repeats twice). Repeatable; default: stdlib")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json from `tokenizer train`")
-    d.add_argument("--out", required=True, help="output directory (gets train/, val/, tokenizer.json)")
+    d.add_argument("--out", required=True,
+                   help="output directory or fsspec URL (gets train/, val/, tokenizer.json, prepare.json)")
     d.add_argument("--val-fraction", type=float, default=0.04, help="fraction of files held out (by path hash)")
     d.add_argument("--val-by", choices=["language", "source"], default=None,
                    help="also write one held-out shard per language or per source")
@@ -75,7 +77,7 @@ def register(subparsers) -> None:
                    help="read symlinks that point outside a source folder (default: skip and count them)")
     d.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
                    help="where the datatrove stages run (same output whichever): local processes, "
-                        "a Ray cluster or Slurm job arrays; --source/--out may then be s3:// etc. URLs")
+                        "a Ray cluster or Slurm job arrays (then --out must be storage every node shares)")
     d.add_argument("--ray-address", default=None, help="Ray cluster address for ray.init (default: start one here)")
     d.add_argument("--slurm-partition", default=None, help="sbatch --partition (required with --executor slurm)")
     d.add_argument("--slurm-time", default="24:00:00", help="sbatch --time for each stage's jobs")
