@@ -551,7 +551,14 @@ def make_app(engine: Engine, tokenizer: CodeTokenizer, model_name: str = "codefo
     limits = limits or ServerLimits()
     metrics = ServerMetrics(engine)
     api = Api(engine, tokenizer, model_name, limits, metrics)
-    errors = {status: {"model": m.ErrorResponse} for status in (400, 401, 408, 413, 500, 503)}
+    errors: dict[int | str, dict[str, Any]] = {status: {"model": m.ErrorResponse}
+                                               for status in (400, 401, 408, 413, 500, 503)}
+    # With "stream": true the same endpoints answer with server-sent events.
+    # Each event's data is one JSON chunk (the OpenAI stream format), or [DONE] at the end.
+    errors[200] = {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "contentMediaType": "application/json"},
+                       "event": {"type": "string"}}}}}}
     app = FastAPI(title="codefoundry", version="1", description=__doc__.split("\n\n")[0])
 
     @app.exception_handler(ApiError)
