@@ -165,9 +165,16 @@ def test_slurm_sbatch_scripts_and_dependencies_then_the_jobs_run(tiny_tokenizer,
     same_output(local_run, out)
 
 
-def test_slurm_needs_a_partition():
+def test_slurm_needs_a_partition_and_ray_names_its_extra(monkeypatch):
+    from codefoundry.data.executors import start_ray
+
     with pytest.raises(UserError, match="--slurm-partition"):
         ExecutorOptions("slurm")
+    with pytest.raises(UserError, match="--executor must be one of"):
+        ExecutorOptions("dask")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the cluster extra were not installed
+    with pytest.raises(UserError, match=r"pip install 'codefoundry\[cluster\]'"):
+        start_ray(None)
 
 
 SLURM_CONF = """ClusterName=cftest
