@@ -82,6 +82,8 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMa
           sinks: torch.Tensor | None) -> torch.Tensor:
     fn = _compiled_flex() if q.is_cuda else flex_attention
     gqa = q.shape[1] != k.shape[1]
+    # Autocast does not cover FlexAttention: QK-norm may hand over fp32 q/k beside a bf16 v.
+    q, k = q.to(v.dtype), k.to(v.dtype)
     if sinks is None:
         return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     out, aux = fn(q, k, v, block_mask=block_mask, enable_gqa=gqa, return_aux=AuxRequest(lse=True))

@@ -134,7 +134,7 @@ class MoE(nn.Module):
 
         y = grouped(self._expert_hidden(lambda name: grouped(rows, name)), "down_proj")
         y = y * gates.flatten()[order, None].to(dtype)
-        return torch.zeros(flat.shape, dtype=dtype, device=flat.device).index_add_(0, token, y)
+        return torch.zeros_like(flat).index_add_(0, token, y.to(flat.dtype))  # top-k sums in the residual dtype
 
     def _dense(self, flat: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         weights = torch.zeros(flat.shape[0], self.n_experts, dtype=dtype, device=flat.device).scatter(
