@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from codefoundry.config import ModelConfig
+from codefoundry.model.chunked_ce import chunked_cross_entropy
 from codefoundry.model.kv_cache import KVCache
 from codefoundry.model.layers import Block
 from codefoundry.model.masking import attention_kernel, build_mask
@@ -26,11 +26,11 @@ from codefoundry.tokenizer.special import (
     IGNORE_INDEX,  # the label the loss skips (re-exported for callers)
 )
 
-# model.loss_chunk=0 ("auto"): vocabularies this large get the cross-entropy in chunks of this
-# many rows, so fp32 logits never exist for the whole batch (8 x 2048 tokens x 49,152 x 4 bytes
-# = 3.2 GB, twice over with their gradient; a 4096-row chunk is 0.8 GB).
+# model.loss_chunk=0 ("auto"): vocabularies this large get the cross-entropy in chunks of about
+# AUTO_CHUNK_ELEMENTS logits (rows rounded down to a multiple of 256), so fp32 logits never exist
+# for the whole batch (8 x 2048 tokens x 49,152 x 4 bytes = 3.2 GB; a 1280-row chunk is 250 MB).
 AUTO_CHUNK_VOCAB = 32768
-AUTO_CHUNK_ROWS = 4096
+AUTO_CHUNK_ELEMENTS = 2**26
 
 
 class Transformer(nn.Module):
@@ -107,8 +107,8 @@ class Transformer(nn.Module):
         In training mode the enabled auxiliary terms are added (each already weighted):
         ``z_loss * mean(logsumexp^2)``, the MoE balancing loss, and ``mtp_loss_weight`` times
         the mean cross-entropy of the MTP heads. The head runs over :meth:`loss_chunk_rows` rows at
-        a time under activation checkpointing (z-loss in the same pass), so full-vocabulary
-        logits never exist for the whole batch at once.
+        a time with its gradients formed in the same pass (:mod:`codefoundry.model.chunked_ce`,
+        z-loss included), so full-vocabulary logits never exist for the whole batch at once.
         """
         c = self.cfg
         with_z = self.training and c.z_loss > 0
@@ -134,28 +134,21 @@ class Transformer(nn.Module):
     def _ce_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy and summed squared log-partition over rows (N, dim), chunked if configured."""
         chunk = self.loss_chunk_rows()
-        if chunk <= 0 or h.shape[0] <= chunk:
-            sums = self._chunk_sums(h, targets, with_z)
-        else:
-            sums = sum(checkpoint(self._chunk_sums, h[i:i + chunk], targets[i:i + chunk], with_z, use_reentrant=False)
-                       for i in range(0, h.shape[0], chunk))
-        return sums[0], sums[1]
-
-    def loss_chunk_rows(self) -> int:
-        """Rows per cross-entropy chunk, 0 = unchunked: ``model.loss_chunk`` if > 0, none if < 0,
-        and for 0 (auto) :data:`AUTO_CHUNK_ROWS` from a :data:`AUTO_CHUNK_VOCAB`-token vocabulary up."""
-        c = self.cfg.loss_chunk
-        if c == 0:
-            return AUTO_CHUNK_ROWS if self.cfg.vocab_size >= AUTO_CHUNK_VOCAB else 0
-        return max(c, 0)
-
-    def _chunk_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> torch.Tensor:
+        if chunk > 0 and h.shape[0] > chunk:
+            return chunked_cross_entropy(h, self.lm_head.weight, targets, chunk, self.cfg.logit_softcap, with_z)
         logits = self.logits(h).float()
         ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         if not with_z:
-            return torch.stack([ce, ce.new_zeros(())])
-        lse = logits.logsumexp(dim=-1)
-        return torch.stack([ce, (lse.square() * (targets != IGNORE_INDEX)).sum()])
+            return ce, ce.new_zeros(())
+        return ce, (logits.logsumexp(dim=-1).square() * (targets != IGNORE_INDEX)).sum()
+
+    def loss_chunk_rows(self) -> int:
+        """Rows per cross-entropy chunk, 0 = unchunked: ``model.loss_chunk`` if > 0, none if < 0,
+        and for 0 (auto) about :data:`AUTO_CHUNK_ELEMENTS` logits from a :data:`AUTO_CHUNK_VOCAB`-token vocabulary up."""
+        c, vocab = self.cfg.loss_chunk, self.cfg.vocab_size
+        if c == 0:
+            return max(256, AUTO_CHUNK_ELEMENTS // vocab // 256 * 256) if vocab >= AUTO_CHUNK_VOCAB else 0
+        return max(c, 0)
 
     def _mtp_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over heads of each head's mean cross-entropy; head k predicts token t+k+1 at position t.
