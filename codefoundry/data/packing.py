@@ -163,7 +163,7 @@ def merge_parts(parts_dir: str | Path | DataFolder, out_dir: str | Path | DataFo
             continue
         index = part.index[k]
         if k.all():
-            writer.add_many(part.tokens, index[:, 1])
+            writer.add_shard(part)
         else:
             for off, length in index:
                 writer.add(part.tokens[off:off + length])

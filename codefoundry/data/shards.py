@@ -11,6 +11,8 @@ fsspec URL; training reads local shards through ``np.memmap``.
 from __future__ import annotations
 
 import json
+import shutil
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ from codefoundry.errors import UserError
 def as_folder(path: str | Path | DataFolder) -> DataFolder:
     """A datatrove ``DataFolder`` (fsspec) for a local path or any fsspec URL."""
     return get_datafolder(str(path) if isinstance(path, Path) else path)
+
+
+COPY_TOKENS = 1 << 22  # tokens per write when copying a shard (8 MiB of uint16)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -48,10 +53,15 @@ class ShardWriter:
         self.lengths.append(len(arr))
         self.n_tokens += len(arr)
 
-    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append many documents at once: their concatenated tokens and per-document lengths."""
-        self._f.write(np.asarray(tokens, dtype=self.dtype).tobytes())
-        lengths = np.asarray(lengths, dtype=np.int64)
+    def add_shard(self, shard: "Shard") -> None:
+        """Append every document of another shard of the same dtype, copying its token file in
+        chunks: memory stays flat however large the shard (no memory map, no whole-file copy)."""
+        if np.dtype(shard.meta["dtype"]) != self.dtype:
+            raise ValueError(f"cannot append {shard.meta['dtype']} tokens to a {self.dtype} shard")
+        if shard.meta["tokens"]:
+            with shard.folder.open("tokens.bin", "rb") as f:
+                shutil.copyfileobj(f, self._f, COPY_TOKENS * self.dtype.itemsize)
+        lengths = shard.index[:, 1].astype(np.int64)
         self.offsets.extend((self.n_tokens + np.cumsum(lengths) - lengths).tolist())
         self.lengths.extend(lengths.tolist())
         self.n_tokens += int(lengths.sum())
@@ -80,14 +90,17 @@ class Shard:
         with self.folder.open("metadata.json", "r") as f:
             self.meta = json.load(f)
         self.index = self.load("index.npy")
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        """The token stream: memory-mapped when local, read on first use when remote."""
         n, dtype = self.meta["tokens"], np.dtype(self.meta["dtype"])
         if not n:
-            self.tokens = np.zeros(0, dtype=dtype)
-        elif self.folder.is_local():
-            self.tokens = np.memmap(self.folder.resolve_paths("tokens.bin"), dtype=dtype, mode="r", shape=(n,))
-        else:
-            with self.folder.open("tokens.bin", "rb") as f:
-                self.tokens = np.frombuffer(f.read(), dtype=dtype, count=n)
+            return np.zeros(0, dtype=dtype)
+        if self.folder.is_local():
+            return np.memmap(self.folder.resolve_paths("tokens.bin"), dtype=dtype, mode="r", shape=(n,))
+        with self.folder.open("tokens.bin", "rb") as f:
+            return np.frombuffer(f.read(), dtype=dtype, count=n)
 
     def load(self, name: str) -> np.ndarray:
         """A ``.npy`` file of this shard (the index, or a part's ``docs.npy``)."""
