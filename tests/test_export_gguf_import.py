@@ -77,17 +77,30 @@ def test_quantized_gguf_imports_as_its_dequantized_weights(tiny_tokenizer, tmp_p
         assert float((ours(ids) - model(ids)).abs().max()) > 1e-3  # the quantization really happened
 
 
+def test_llama31_rope_freqs_come_back_as_llama3_scaling(tiny_tokenizer, tmp_path):
+    """llama.cpp keeps Llama 3.1's scaling only as per-dimension divisors; the import recovers exact tables."""
+    tok, _ = tiny_tokenizer
+    model = random_model(tiny_config(tok.vocab_size, head_dim=64, n_heads=2, n_kv_heads=1, rope_theta=5e5,
+                                     rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=64))
+    write_gguf(tmp_path / "m.gguf", model, tok, [Q.F32])
+    ours, _ = load_model(import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt")["out"])
+    assert ours.cfg.rope_scaling == "llama3" and ours.cfg.rope_factor == 8.0
+    torch.testing.assert_close(ours.rope_cos, model.rope_cos, rtol=0, atol=1e-5)  # float32 rounding of the fit
+    ids = code_ids(tok)
+    with torch.no_grad():
+        assert_logits_close(ours(ids), model(ids), tol=1e-5)
+
+
 def test_gguf_we_cannot_reproduce_is_refused_and_nothing_written(tiny_tokenizer, tmp_path):
     tok, _ = tiny_tokenizer
     model = random_model(tiny_config(tok.vocab_size, dim=256, ffn_dim=512))
     write_gguf(tmp_path / "q8k.gguf", model, tok, [Q.Q8_0, Q.Q8_K])
     with pytest.raises(UserError, match=r"GGUF tensor \S+ has type Q8_K, which the gguf package cannot dequantize"):
         import_gguf(tmp_path / "q8k.gguf", tmp_path / "ckpt")
-    scaled = random_model(tiny_config(tok.vocab_size, rope_scaling="llama3", rope_factor=8.0,
-                                      rope_original_max_len=32))
-    write_gguf(tmp_path / "llama31.gguf", scaled, tok, [Q.F16])
-    with pytest.raises(UserError, match=r"per-dimension RoPE frequencies \(rope_freqs"):
-        import_gguf(tmp_path / "llama31.gguf", tmp_path / "ckpt")
+    yarn = random_model(tiny_config(tok.vocab_size, rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=32))
+    write_gguf(tmp_path / "yarn.gguf", yarn, tok, [Q.F32])
+    with pytest.raises(UserError, match=r"RoPE frequencies \(rope_freqs\) follow no llama3 scaling"):
+        import_gguf(tmp_path / "yarn.gguf", tmp_path / "ckpt")
     with pytest.raises(UserError, match="not found"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()

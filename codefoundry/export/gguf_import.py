@@ -8,8 +8,10 @@
   to our rotate-half layout (the inverse of llama.cpp's converter); ``qwen2`` / ``qwen3`` use
   NeoX RoPE and need none.
 * **Architectures.** ``llama`` (also what llama.cpp calls Mistral without a sliding window),
-  ``qwen2`` (q/k/v biases), ``qwen3`` (q/k norm). Default or linear RoPE; a GGUF with per-dimension
-  ``rope_freqs`` (Llama 3.1) or YaRN, partial rotary, or a sliding window is refused in one line.
+  ``qwen2`` (q/k/v biases), ``qwen3`` (q/k norm). Default or linear RoPE, or Llama 3.1's scaling,
+  which llama.cpp stores as per-dimension divisors (``rope_freqs``) that are fitted back to our
+  llama3 settings and checked to reproduce every frequency; other ``rope_freqs`` (e.g. YaRN),
+  partial rotary or a sliding window are refused in one line.
 * **Tokenizer.** transformers' GGUF tokenizer builder (the ``hf`` extra) turns the GGUF vocabulary,
   merges and pre-tokenizer into a ``tokenizer.json`` with the GGUF's chat template and BOS/EOS;
   roles are then adopted exactly as for ``import --from hf``. A GGUF that carries codefoundry's
@@ -18,6 +20,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from codefoundry.export.chat_template import CHAT_TEMPLATE
 from codefoundry.export.hf import hf_name
 from codefoundry.export.hf_import import load_state_into, write_imported
 from codefoundry.model import Transformer
+from codefoundry.model.rope import default_inv_freq, rope_frequencies
 from codefoundry.tokenizer.pretrained import Adopted, adopt, read_hf_tokenizer
 
 GGUF_ARCHES = ("llama", "qwen2", "qwen3")
@@ -62,9 +67,6 @@ def model_config_from_gguf(reader) -> tuple[str, ModelConfig]:
     dim, n_heads = k(gguf.Keys.LLM.EMBEDDING_LENGTH), k(gguf.Keys.Attention.HEAD_COUNT)
     head_dim = k(gguf.Keys.Attention.KEY_LENGTH) or dim // n_heads
     problems = []
-    if "rope_freqs.weight" in names:
-        problems.append("per-dimension RoPE frequencies (rope_freqs, e.g. Llama 3.1): import its transformers "
-                        "checkpoint with --from hf instead")
     scaling = k(gguf.Keys.Rope.SCALING_TYPE, "none")
     if scaling not in ("none", "linear"):
         problems.append(f"rope scaling {scaling!r} (none and linear import)")
@@ -78,7 +80,7 @@ def model_config_from_gguf(reader) -> tuple[str, ModelConfig]:
         raise UserError(f"cannot import this {arch} GGUF exactly: " + "; ".join(problems))
     has_bias = "blk.0.attn_q.bias" in names
     rows = next(t.shape[-1] for t in reader.tensors if t.name == "token_embd.weight")  # GGUF shapes are reversed
-    return arch, ModelConfig(
+    cfg = ModelConfig(
         vocab_size=int(rows), dim=dim, n_layers=k(gguf.Keys.LLM.BLOCK_COUNT), n_heads=n_heads,
         n_kv_heads=k(gguf.Keys.Attention.HEAD_COUNT_KV, n_heads), head_dim=head_dim,
         ffn_dim=k(gguf.Keys.LLM.FEED_FORWARD_LENGTH), max_seq_len=k(gguf.Keys.LLM.CONTEXT_LENGTH),
@@ -87,6 +89,37 @@ def model_config_from_gguf(reader) -> tuple[str, ModelConfig]:
         qk_norm=arch == "qwen3", tie_embeddings="output.weight" not in names,
         bias=has_bias and arch == "llama", qkv_bias=has_bias and arch == "qwen2",
     )
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    return arch, cfg if freqs is None else llama3_from_rope_freqs(cfg, dequantized(freqs).double())
+
+
+def llama3_from_rope_freqs(cfg: ModelConfig, divisors: torch.Tensor) -> ModelConfig:
+    """Our llama3 rope settings reproducing a GGUF's per-dimension frequency divisors (how llama.cpp stores
+    Llama 3.1's scaling), or a one-line UserError when they follow no llama3 scaling.
+
+    llama3 divides dimension i by 1 / ((1 - s_i) / factor + s_i) with s_i = clamp(a / wavelength_i - b, 0, 1);
+    the largest divisor is the factor, and (a, b) come from the blended band. Only a and b matter, so
+    the original context is set to the GGUF's and the low/high factors follow from it.
+    """
+    factor = float(divisors.max())
+    if factor <= 1:
+        return cfg
+    s = (1 / divisors - 1 / factor) / (1 - 1 / factor)
+    x = default_inv_freq(cfg) / (2 * math.pi)  # 1 / wavelength
+    band = (s > 1e-6) & (s < 1 - 1e-6)
+    fitted = None
+    if int(band.sum()) >= 2:
+        a, b = np.polyfit(x[band].numpy(), s[band].numpy(), 1)
+        original = cfg.max_seq_len
+        low = -b * original / a
+        fitted = dataclasses.replace(cfg, rope_scaling="llama3", rope_factor=factor, rope_original_max_len=original,
+                                     rope_low_freq_factor=low, rope_high_freq_factor=low + original / a)
+    ok = fitted is not None and torch.allclose(rope_frequencies(fitted)[0].double(), default_inv_freq(cfg) / divisors,
+                                               rtol=1e-5, atol=0)
+    if not ok:
+        raise UserError("cannot import this GGUF exactly: its per-dimension RoPE frequencies (rope_freqs) follow no "
+                        "llama3 scaling; import its transformers checkpoint with --from hf instead")
+    return fitted
 
 
 def dequantized(tensor) -> torch.Tensor:
@@ -124,7 +157,7 @@ def gguf_state_dict(reader, arch: str, cfg: ModelConfig) -> dict[str, torch.Tens
             w = unpermute_interleaved(w, cfg.n_kv_heads)
         state[hf] = w
         used.add(gg)
-    extra = sorted(set(by_name) - used)
+    extra = sorted(set(by_name) - used - {"rope_freqs.weight"})  # rope_freqs: read into the config
     if extra:
         raise UserError(f"GGUF tensors {extra[:3]} have no place in our {arch} model; cannot import it exactly")
     return state
