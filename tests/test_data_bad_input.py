@@ -97,6 +97,12 @@ def huge_file(d: Path) -> int:
     return 0
 
 
+def not_json_lines(d: Path) -> int:
+    with gzip.open(d / "service-2.json.gz", "wt") as f:  # pretty-printed JSON, as botocore ships
+        f.write(json.dumps({"version": "2.0", "operations": {f"Op{i}": {"name": i} for i in range(50)}}, indent=2))
+    return 0
+
+
 def invalid_utf8(d: Path) -> int:
     (d / "latin1.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
     with gzip.open(d / "bad.jsonl.gz", "wb") as f:
@@ -114,6 +120,7 @@ CASES = {  # case -> (builder, reasons it must report)
     "odd_parquet": (odd_parquet, {"no_text_column"}),
     "huge_file": (huge_file, {"too_large"}),
     "invalid_utf8": (invalid_utf8, {"non_utf8", "corrupt_json"}),
+    "not_json_lines": (not_json_lines, {"not_json_lines"}),
 }
 
 
@@ -146,6 +153,8 @@ def test_bad_input_is_skipped_and_counted_never_fatal(case, tiny_tokenizer, tmp_
     assert all(skipped["examples"][r] for r in reasons)
     if case == "odd_parquet":
         assert skipped["counts"]["no_text_column"] == 2  # both rows of the file without text, counted
+    if case == "not_json_lines":
+        assert skipped["counts"]["not_json_lines"] == 1  # the file, once: not each of its 150 lines
 
 
 def test_symlinks_outside_are_followed_only_when_asked(tiny_tokenizer, tmp_path):

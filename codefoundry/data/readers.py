@@ -127,7 +127,9 @@ class _LedgerMixin:
 
 class CodeJsonlReader(_LedgerMixin, JsonlReader):
     """JSONL(.gz/.zst) rows; a line that is not valid JSON (or not UTF-8) is counted and skipped,
-    and a truncated or corrupt file keeps the rows read before the damage and is counted once."""
+    and a truncated or corrupt file keeps the rows read before the damage and is counted once.
+    A file whose first line cannot start a JSON object row (a lone ``{``, or no ``{``) is not JSON
+    Lines: it is skipped whole, counted once."""
 
     name = "code jsonl"
 
@@ -143,9 +145,16 @@ class CodeJsonlReader(_LedgerMixin, JsonlReader):
     def read_file(self, filepath: str) -> DocumentsPipeline:
         import orjson
 
+        first = True
         for li, line in self._lines(filepath):
-            if not line.strip():
+            stripped = line.strip()
+            if not stripped:
                 continue
+            if first and (stripped in ("{", "[") or not stripped.startswith("{")):
+                # e.g. a pretty-printed `.json.gz` (botocore ships hundreds): one count, not one per line
+                self.ledger.add("not_json_lines", filepath, 0, self.rank)
+                return
+            first = False
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
