@@ -72,3 +72,30 @@ def test_repeated_failures_abort_with_a_clear_message(data, tmp_path, monkeypatc
     _poison(monkeypatch, set(range(4, 100)))
     with pytest.raises(UserError, match="consecutive steps.*lower train.lr"):
         pretrain(_run(data, tmp_path, **{"train.max_skips": 3}), show_progress=False)
+
+
+def test_training_steps_never_read_the_device(data, tmp_path, monkeypatch):
+    """Between log records nothing is read back to the host: the guard's verdict, the loss and the
+    counters stay on the device (a read there stalls a GPU every step)."""
+    from codefoundry.train.engine import Trainer
+
+    reads, inside = [], {"step": False}
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, _name=name, **k):
+            if inside["step"]:
+                reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    real_step = Trainer.train_step
+
+    def train_step(self):
+        inside["step"] = True
+        try:
+            return real_step(self)
+        finally:
+            inside["step"] = False
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    summary = pretrain(_run(data, tmp_path, **{"train.log_every": 100, "train.max_steps": 5}), show_progress=False)
+    assert summary["finished"] and reads == []
