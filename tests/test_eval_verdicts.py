@@ -56,6 +56,8 @@ ATTACKS = {
                                "sys.settrace(_t)\nsys._getframe().f_trace = _t\n",
     "assertion_error_rebound": WRONG + "import builtins\nbuiltins.AssertionError = type('X', (Exception,), {})\n",
     "assertion_error_none": WRONG + "import builtins\nbuiltins.AssertionError = None\n",
+    "always_equal_int_subclass": "    class Yes(int):\n        def __eq__(self, other):\n            return True\n"
+                                 "    return Yes(7)\n",
 }
 
 
@@ -63,7 +65,7 @@ def test_cheating_completions_fail(sandbox, humaneval):
     results = run_all(sandbox, {name: checked_program(humaneval["HumanEval/0"], c) for name, c in ATTACKS.items()})
     assert {name: r.passed for name, r in results.items()} == dict.fromkeys(ATTACKS, False)
     assert results["forged_verdict_line"].error == "protocol"
-    for name in ("always_equal", "settrace_replaces_check", "assertion_error_rebound", "assertion_error_none",
+    for name in ("always_equal", "always_equal_int_subclass", "settrace_replaces_check", "assertion_error_rebound", "assertion_error_none",
                  "forged_via_proc_fds"):
         assert results[name].error == "assertion", (name, results[name])
 
@@ -109,7 +111,11 @@ def test_values_and_objects_cross_faithfully(sandbox):
         "def fail(kind):\n    raise {'value': ValueError, 'key': KeyError}[kind]('no')\n"
         "def sort_in_place(xs):\n    xs.sort()\n"
         "class Sub(ValueError):\n    pass\n"
-        "def sub():\n    raise Sub('x')\n")
+        "def sub():\n    raise Sub('x')\n"
+        "import enum, numpy\nPoint = collections.namedtuple('Point', 'x y')\n"
+        "class Color(enum.IntEnum):\n    RED = 1\n"
+        "def numbers():\n    return [numpy.int64(5), numpy.float64(0.5), numpy.array([[1, 2], [3, 4]]), Point(1, 2),\n"
+        "            Color.RED, numpy.zeros((0, 3))]\n")
     test = (
         "import collections, math\n"
         "assert values() == [(1, 'a'), {(2, 3): {4}}, frozenset({5}), b'\\x00', bytearray(b'x'), 1 + 2j, 10 ** 5000,\n"
@@ -121,7 +127,10 @@ def test_values_and_objects_cross_faithfully(sandbox):
         "assert list(evens(7)) == [0, 2, 4, 6]\n"
         "try:\n    fail('value')\nexcept ValueError as e:\n    assert str(e) == 'no'\nelse:\n    assert False\n"
         "try:\n    sub()\nexcept ValueError:\n    pass\n"
-        "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]\n")
+        "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]\n"
+        "import numpy\ni, f, a, p, c, z = numbers()\n"
+        "assert i == 5 and type(i) is numpy.int64 and f == 0.5 and (a == [[1, 2], [3, 4]]).all()\n"
+        "assert a.shape == (2, 2) and z.shape == (0, 3) and p == (1, 2) and c == 1\n")
     result = sandbox.run(CheckedProgram(code, "", test))
     assert result.passed, result
 

@@ -318,7 +318,20 @@ def encode(value, handle) -> object:
         return {"dec": str(value)}
     if kind is _loaded_class("fractions", "Fraction"):
         return {"fr": [encode(value.numerator, handle), encode(value.denominator, handle)]}
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)) and value.dtype.kind in NUMPY_KINDS:
+        return {"npa" if isinstance(value, numpy.ndarray) else "nps":
+                [value.dtype.str, list(value.shape), encode(value.tolist(), handle)]}
+    for base, copy in _BASE_COPIES:
+        if isinstance(value, base):  # a subclass travels as its base type; its own methods stay behind
+            return encode(copy(value), handle)
     return {"h": handle(value)}
+
+
+# How to take the builtin value out of an instance of a subclass, without its overrides.
+_BASE_COPIES = ((int, int.__int__), (float, float.__float__), (complex, complex.__complex__), (str, str.__str__),
+                (bytes, bytes), (tuple, tuple), (list, list), (dict, dict), (set, set), (frozenset, frozenset))
+NUMPY_KINDS = "biufcSU"  # numpy values that cross as arrays/scalars: bool, numbers, strings
 
 
 def _loaded_class(module: str, name: str) -> type | None:
@@ -354,6 +367,13 @@ def decode(data, handle, module=None) -> object:
             return importlib.import_module("decimal").Decimal(body)
         if tag == "fr" and type(body) is list and len(body) == 2:
             return importlib.import_module("fractions").Fraction(*(decode(v, handle, module) for v in body))
+        if tag in ("npa", "nps") and type(body) is list and len(body) == 3:
+            numpy = sys.modules["numpy"]
+            dtype = numpy.dtype(body[0])
+            if dtype.kind not in NUMPY_KINDS:
+                raise ProtocolError(f"numpy dtype {dtype} does not cross")
+            array = numpy.array(decode(body[2], handle, module), dtype=dtype).reshape(body[1])
+            return array if tag == "npa" else array[()]
         if tag == "h" and type(body) is int:
             return handle(body)
         if tag == "m" and type(body) is str and module is not None:
