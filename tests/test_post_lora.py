@@ -11,7 +11,15 @@ from codefoundry.model import Transformer
 
 peft = pytest.importorskip("peft")
 
-from codefoundry.post.lora import apply_lora, load_adapter, merge_lora, parse_lora_spec, save_adapter  # noqa: E402
+from codefoundry.post.lora import (  # noqa: E402
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    merge_adapter_checkpoint,
+    merge_lora,
+    parse_lora_spec,
+    save_adapter,
+)
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -74,3 +82,22 @@ def test_adapter_that_does_not_fit_is_refused(tmp_path):
         load_adapter(other, tmp_path / "a")
     with pytest.raises(UserError, match="not a LoRA adapter directory"):
         load_adapter(tiny_model(), tmp_path / "nothing")
+
+
+def test_adapter_merges_into_a_plain_checkpoint(tmp_path):
+    from codefoundry.checkpoint import load_model, save_checkpoint
+    from helpers_post import tiny_tokenizer_path
+
+    base = tiny_model()
+    save_checkpoint(tmp_path / "base", base, tiny_tokenizer_path(), preset="test")
+    model = apply_lora(tiny_model(), "r=2,targets=all-linear")
+    with torch.no_grad():
+        for _, layer in lora_layers(model):  # B starts at zero: give the adapters something to merge
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+        x = torch.randint(0, 64, (1, 12))
+        expected = model(x)
+    save_adapter(model, tmp_path / "adapter")
+    merge_adapter_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    merged, _ = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)

@@ -154,3 +154,14 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def merge_adapter_checkpoint(base: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
+    """A plain checkpoint ``out``: the base checkpoint with the adapters of ``adapter_dir`` merged in,
+    its tokenizer (and chat template) carried over; what ``codefoundry export`` then takes."""
+    from codefoundry.checkpoint import load_model, read_model_config, save_checkpoint
+
+    model, _ = load_model(base)
+    _, raw = read_model_config(base)
+    merged = merge_lora(load_adapter(model, adapter_dir))
+    return save_checkpoint(out, merged, Path(base) / "tokenizer.json", preset=raw.get("preset", ""))
