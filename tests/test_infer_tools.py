@@ -188,7 +188,7 @@ def test_sandboxed_commands_write_only_the_workspace_and_have_no_network(tmp_pat
         "echo x > /tmp/private.txt && echo tmp-ok; "
         "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)\" 2>/dev/null "
         "|| echo net-refused; "
-        "grep CapEff /proc/self/status; ulimit -v")})
+        "grep CapEff /proc/self/status; ulimit -d")})
     assert (work / "made.txt").read_text() == "made\n"
     assert "ws-ok" in out and "outside-refused" in out and "tmp-ok" in out and "net-refused" in out
     assert "CapEff:\t0000000000000000" in out and str(512 * 1024) in out

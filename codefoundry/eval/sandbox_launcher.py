@@ -954,7 +954,8 @@ def _exec_command(job: dict) -> None:
         env = dict(os.environ)
         if job["sandbox"]:
             cpu = int(job["timeout"]) + 1
-            _set_limits([(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, job["memory_bytes"]),
+            # RLIMIT_DATA, not RLIMIT_AS: runtimes that reserve address space (JVM, V8, Go) still start.
+            _set_limits([(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_DATA, job["memory_bytes"]),
                          (resource.RLIMIT_FSIZE, job["file_bytes"]), (resource.RLIMIT_NOFILE, 1024),
                          (resource.RLIMIT_NPROC, 512), (resource.RLIMIT_CORE, 0)])
             _drop_capabilities()
@@ -962,6 +963,8 @@ def _exec_command(job: dict) -> None:
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": "/tmp",
                    "TMPDIR": "/tmp"}
         os.execvpe("bash", ["bash", "-c", job["command"]], env)
+    except BaseException as exc:  # noqa: BLE001 - shown to the model with the command's output
+        os.write(2, f"cannot run the command: {exc!r}\n".encode())
     finally:
         os._exit(127)
 

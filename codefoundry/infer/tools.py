@@ -73,7 +73,7 @@ class ToolLimits:
     timeout_s: float = 30.0  # wall clock per command
     max_output_bytes: int = 16_000  # command output and file reads shown to the model
     max_file_bytes: int = 1_000_000  # largest file write_file / edit_file will produce or edit_file load
-    memory_mb: int = 4096  # address space per sandboxed process
+    memory_mb: int = 4096  # data (heap) per sandboxed process
     tmpfs_mb: int = 512  # the sandbox's private /tmp
 
 
