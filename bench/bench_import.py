@@ -49,7 +49,8 @@ def build(name: str, out: Path, tokenizer_json: Path) -> int:
 
     config_cls, kwargs = SHAPES[name]
     torch.manual_seed(0)
-    model = getattr(transformers, config_cls.replace("Config", "ForCausalLM"))(getattr(transformers, config_cls)(**kwargs))
+    model_cls = getattr(transformers, config_cls.replace("Config", "ForCausalLM"))
+    model = model_cls(getattr(transformers, config_cls)(**kwargs))
     model.save_pretrained(out)
     (out / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
     return sum(p.numel() for p in model.parameters())

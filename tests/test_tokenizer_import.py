@@ -22,7 +22,8 @@ QWEN = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_
         "<|fim_pad|>", "<tool_call>", "</tool_call>"]
 # Qwen2.5's ChatML shape, tool calls included (the real one also lists tool schemas).
 CHATML = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{{ m.content or '' }}"
-          "{%- for tc in m.tool_calls or [] %}{{ '\\n<tool_call>\\n' }}{{ tc.function | tojson }}{{ '\\n</tool_call>' }}"
+          "{%- for tc in m.tool_calls or [] %}{{ '\\n<tool_call>\\n' }}{{ tc.function | tojson }}"
+          "{{ '\\n</tool_call>' }}"
           "{%- endfor %}{{ '<|im_end|>\\n' }}{%- endfor %}"
           "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
 CONVERSATION = [

@@ -63,8 +63,8 @@ LLAMA3_SPLIT_PATTERN = (
 )
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-GGUF_ARCHES = ("llama", "qwen3", "qwen2", "arcee")
-PER_DIM_SCALINGS = ("yarn", "llama3")  # written as a rope_freqs tensor of per-dimension divisors  # of the HF export's families, those mapped here
+GGUF_ARCHES = ("llama", "qwen3", "qwen2", "arcee")  # of the HF export's families, those mapped here
+PER_DIM_SCALINGS = ("yarn", "llama3")  # written as a rope_freqs tensor of per-dimension divisors
 
 
 @dataclass

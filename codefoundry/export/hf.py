@@ -62,7 +62,8 @@ from codefoundry.tokenizer import special as sp
 MAPPED_FIELDS = {
     "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "mlp", "max_seq_len",
     "norm_eps", "norm_placement", "norm_learnable", "rope_theta", "rope_scaling", "rope_factor",
-    "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor", "qk_norm", "qkv_bias", "qk_norm_frozen", "attn_sinks", "diff_attn", "doc_mask", "doc_sep_id",
+    "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor", "qk_norm", "qkv_bias",
+    "qk_norm_frozen", "attn_sinks", "diff_attn", "doc_mask", "doc_sep_id",
     "tie_embeddings", "bias", "logit_softcap", "n_experts", "moe_shared_experts", "moe_top_k", "moe_groups",
     "moe_group_top_k", "mtp_heads",
 }

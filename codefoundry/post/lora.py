@@ -135,7 +135,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     try:
         result = peft.set_peft_model_state_dict(model, weights, adapter_name=ADAPTER)
     except RuntimeError as exc:  # size mismatch: an adapter trained on another architecture
-        raise UserError(f"adapter {adapter_dir} does not fit this model ({str(exc).splitlines()[-1].strip()})") from None
+        reason = str(exc).splitlines()[-1].strip()
+        raise UserError(f"adapter {adapter_dir} does not fit this model ({reason})") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UserError(f"adapter {adapter_dir} does not fit this model (e.g. {unexpected[0]})")

@@ -53,7 +53,8 @@ def run_import(args: argparse.Namespace) -> int:
     adopted = import_tokenizer(args.source, args.out, append=not args.no_append, fim_order=args.fim_order)
     for line in adopted.report():
         print(f"tokenizer: {line}")
-    print(f"tokenizer: vocab {adopted.tokenizer.vocab_size}, {len(adopted.appended)} role token(s) appended -> {args.out}")
+    print(f"tokenizer: vocab {adopted.tokenizer.vocab_size}, {len(adopted.appended)} role token(s) appended "
+          f"-> {args.out}")
     return 0
 
 

@@ -85,7 +85,8 @@ def _from_hub(name: str) -> tuple[Tokenizer, TokenizerConfig]:
     try:
         hf_tok = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
-        raise UserError(f"cannot load tokenizer {name!r} from the Hugging Face Hub ({str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"cannot load tokenizer {name!r} from the Hugging Face Hub ({reason})") from None
     with tempfile.TemporaryDirectory() as tmp:
         hf_tok.save_pretrained(tmp)
         return read_hf_tokenizer(tmp)
