@@ -102,6 +102,24 @@ def test_chatml_template_renders_as_transformers_and_masks_assistant_turns(tmp_p
     assert trained == f"Sure.\n<tool_call>\n{call}\n</tool_call><|im_end|>\nOne file: a.py.<|im_end|>\n"
 
 
+# Qwen3's habit, reduced: the reasoning block is printed for the final assistant turn only.
+THINKING = CHATML.replace("{{ m.content or '' }}",
+                          "{%- if m.role == 'assistant' and loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+                          "{{ m.content or '' }}")
+
+
+def test_template_that_rerenders_earlier_turns_is_masked_by_search(tmp_path):
+    pytest.importorskip("transformers")
+    src = pretrained_dir(tmp_path / "qwen3", QWEN, {"chat_template": THINKING, "eos_token": "<|im_end|>"})
+    tok = import_tokenizer(src, tmp_path / "out" / "tokenizer.json").tokenizer
+    chat = [CONVERSATION[1], {"role": "assistant", "content": "No."}, {"role": "user", "content": "Why?"},
+            {"role": "assistant", "content": "Because."}]
+    rendered = render_chat(tok, chat)
+    trained = tok.tk.decode([t for t, m in zip(rendered.ids, rendered.mask) if m], skip_special_tokens=False)
+    assert trained == "No.<|im_end|>Because.<|im_end|>"  # each span ends with its end-of-turn token
+    assert "<think>" in tok.tk.decode(rendered.ids, skip_special_tokens=False)  # context, not trained
+
+
 def test_missing_role_and_bad_template_are_one_line_errors(tmp_path):
     pytest.importorskip("transformers")
     src = pretrained_dir(tmp_path / "bare", ["<|end_of_text|>"],

@@ -15,6 +15,10 @@ loss mask (1 = train on this token) covers exactly what the model must produce: 
 text, tool calls (with their delimiters) and ``<|assistant_end|>``; everything the user,
 the system or a tool wrote is context only. Text is always encoded with special-token
 parsing off, so message content can never forge a control token.
+
+That is our template, for models trained here. A model imported with its own Jinja template
+(Qwen's ChatML, Llama 3's headers...) renders with it instead, exactly as transformers does:
+:mod:`codefoundry.tokenizer.templates`.
 """
 
 from __future__ import annotations

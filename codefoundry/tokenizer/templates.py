@@ -10,8 +10,12 @@ Loss masks: templates rarely mark assistant text (``{% generation %}``), so the 
 are found by rendering prefixes. Assistant message *i* covers the text between the conversation
 up to *i-1* with the generation prompt and the conversation up to *i* — its content, tool calls
 and end-of-turn token — and a token is trained when it starts inside such a span. A template
-whose prefixes are not prefixes of the whole (some drop earlier reasoning) cannot be masked this
-way and is refused in one line.
+whose prefixes are not prefixes of the whole (Qwen3 drops the reasoning block of earlier turns)
+falls back to finding each message's text in order, an assistant span then running through
+the next end-of-turn token; a conversation neither way can place is refused in one line.
+
+As with transformers' default (``sanitize_control_tokens=False``), special-token text inside a
+message becomes that token here; our own template (models trained here) never allows that.
 """
 
 from __future__ import annotations
@@ -52,9 +56,32 @@ def assistant_spans(tok: CodeTokenizer, messages: list[dict[str, Any]], text: st
         before = render_text(tok, messages[:i], True, tools)
         after = render_text(tok, messages[:i + 1], False, tools)
         if not (after.startswith(before) and text.startswith(after)):
-            raise ChatFormatError(f"the model's chat template renders message {i} differently once the conversation "
-                                "goes on, so its assistant turns cannot be located for the loss mask")
+            return spans_by_search(tok, messages, text)
         spans.append((len(before), len(after)))
+    return spans
+
+
+def spans_by_search(tok: CodeTokenizer, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
+    """Assistant spans for templates that re-render earlier turns (Qwen3 drops the reasoning block of all but
+    the last one): every message's text is found in order, and an assistant span runs from its text through
+    the next end-of-turn token."""
+    from codefoundry.tokenizer import special as sp
+    from codefoundry.tokenizer.chat import text_of
+
+    end_token = tok.role_tokens().get(sp.ASSISTANT_END)
+    spans, pos = [], 0
+    for i, msg in enumerate(messages):
+        content = text_of(msg.get("content"))
+        at = text.find(content, pos) if content else -1
+        if at < 0 or end_token is None:
+            raise ChatFormatError(f"the model's chat template renders message {i} differently once the conversation "
+                                  "goes on and its text cannot be found in the whole, so its assistant turns cannot "
+                                  "be located for the loss mask")
+        pos = at + len(content)
+        if msg.get("role") == "assistant":
+            end = text.find(end_token, pos)
+            pos = len(text) if end < 0 else end + len(end_token)
+            spans.append((at, pos))
     return spans
 
 
