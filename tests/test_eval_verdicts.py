@@ -18,7 +18,7 @@ from codefoundry.eval.score import (
     checked_program,
     markdown,
     score_samples,
-    trusted_prelude,
+    split_reference,
 )
 
 
@@ -77,12 +77,16 @@ def test_patching_what_the_test_uses_or_its_helpers_fails(sandbox, humaneval):
                                        "    return 0.0\nimport builtins\nbuiltins.abs = lambda x: 0\n"),
         "redefined_helper": checked_program(humaneval["HumanEval/32"],
                                             "    return 0.0\ndef poly(xs, x):\n    return 0\n"),
+        "global_shadows_builtin": checked_program(humaneval["HumanEval/2"], "    return 0.0\ndef abs(x):\n    return 0\n"),
+        "global_shadows_module": CheckedProgram(
+            "class math:\n    isclose = staticmethod(lambda a, b: True)\ndef f():\n    return 0.0\n", "",
+            "assert math.isclose(f(), 1.0)\n", ("f",)),
         "right_with_rebound_assertion_error": checked_program(
             humaneval["HumanEval/2"], humaneval["HumanEval/2"].canonical
             + "import builtins\nbuiltins.AssertionError = None\n"),
     })
-    assert not results["patched_abs"].passed and not results["redefined_helper"].passed
-    assert results["right_with_rebound_assertion_error"].passed  # rebinding the name changes no verdict
+    assert [name for name, r in results.items() if r.passed] == ["right_with_rebound_assertion_error"]
+    assert "NameError" in results["global_shadows_module"].detail  # only the program's modules are taken
 
 
 def test_the_test_is_never_in_the_programs_memory(sandbox):
@@ -94,7 +98,8 @@ def test_the_test_is_never_in_the_programs_memory(sandbox):
             "            data = ctypes.string_at(start, end - start)\n            at = data.find(b'_MARKER_42')\n"
             "            while at >= 0:\n                hits += data[at - 6:at] == b'SECRET'\n"
             "                at = data.find(b'_MARKER_42', at + 1)\n    return hits\n")
-    result = sandbox.run(CheckedProgram(scan, "", "# SECRET_MARKER_42\nassert leaked() == 0, 'SECRET_MARKER_42'\n"))
+    result = sandbox.run(CheckedProgram(scan, "", "# SECRET_MARKER_42\nassert leaked() == 0, 'SECRET_MARKER_42'\n",
+                                        names=("leaked",)))
     assert result.passed, result
 
 
@@ -131,7 +136,8 @@ def test_values_and_objects_cross_faithfully(sandbox):
         "import numpy\ni, f, a, p, c, z = numbers()\n"
         "assert i == 5 and type(i) is numpy.int64 and f == 0.5 and (a == [[1, 2], [3, 4]]).all()\n"
         "assert a.shape == (2, 2) and z.shape == (0, 3) and p == (1, 2) and c == 1\n")
-    result = sandbox.run(CheckedProgram(code, "", test))
+    names = ("values", "nan", "Node", "depth", "evens", "fail", "sort_in_place", "sub", "numbers")
+    result = sandbox.run(CheckedProgram(code, "", test, names))
     assert result.passed, result
 
 
@@ -145,17 +151,20 @@ def test_failures_inside_calls_are_classified(sandbox):
         "module_level": "raise ValueError('at import')\ndef f():\n    return 1\n",
         "syntax": "def f(:\n",
     }
-    results = run_all(sandbox, {k: CheckedProgram(code, "", "assert f() == 1\n") for k, code in programs.items()})
+    results = run_all(sandbox, {k: CheckedProgram(code, "", "assert f() == 1\n", ("f",)) for k, code in programs.items()})
     assert {k: r.error for k, r in results.items()} == {
         "exit": "exit", "os_exit": "exit", "loop": "timeout", "raise": "exception", "memory": "memory",
         "module_level": "exception", "syntax": "syntax"}
 
 
 def test_prelude_keeps_only_the_prompts_own_definitions(humaneval, shared_data):
-    prelude = trusted_prelude(humaneval["HumanEval/32"])
+    prelude, names = split_reference(humaneval["HumanEval/32"])
     assert "def poly(" in prelude and "def find_zero(" not in prelude and "import math" in prelude
-    assert "def encode_cyclic(" in trusted_prelude(humaneval["HumanEval/38"])
-    assert trusted_prelude(load_problems("mbpp", shared_data, limit=1)[0]) == ""
+    assert names == ("find_zero",)
+    assert "def encode_cyclic(" in split_reference(humaneval["HumanEval/38"])[0]
+    mbpp = {p.task_id: p for p in load_problems("mbpp", shared_data)}
+    assert split_reference(mbpp["11"]) == ("", ("remove_Occ",))
+    assert split_reference(mbpp["126"])[1] == ("sum",)  # a target named like a builtin is still taken
     program = checked_program(humaneval["HumanEval/0"], "    return True\n")
     assert program.code + program.test == humaneval["HumanEval/0"].program("    return True\n")
 

@@ -76,20 +76,24 @@ class CheckedProgram:
 
     ``code`` (the answer's module) runs alone in the untrusted process. The checker runs
     ``prelude`` (the benchmark's own definitions the test relies on, e.g. a prompt's helper
-    functions), binds the names the program defined over it, then runs ``test``; the
-    program's functions are called across the process boundary.
+    functions), binds over it the program's globals listed in ``names`` (what the test is
+    meant to take from the program, e.g. the entry point) and the modules the program
+    imported, then runs ``test``; the program's functions are called across the process
+    boundary. Other globals of the program (say a function named ``abs``) never reach the test.
     """
 
     code: str
     prelude: str
     test: str
+    names: tuple[str, ...]
 
 
 # Imports modules the launcher has not loaded (an extension module, a pure module, and a
 # submodule of a loaded package): each needs the interpreter's library directories to be
 # readable by the sandbox uid. The test exercises the checker's calls and values.
 PROBE_PROGRAM = CheckedProgram(code="import cmath, colorsys, json.tool\ndef f(x):\n    return [x, (x,), {x}]\n",
-                               prelude="import math\n", test="assert f(math.pi) == [math.pi, (math.pi,), {math.pi}]\n")
+                               prelude="import math\n", test="assert f(math.pi) == [math.pi, (math.pi,), {math.pi}]\n",
+                               names=("f",))
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ class Sandbox:
         except queue.Empty:
             server = _Server()
         try:
-            tests = {"prelude": program.prelude, "test": program.test} if checked else None
+            tests = {"prelude": program.prelude, "test": program.test, "names": program.names} if checked else None
             report = server.request(job, tests, lim.timeout + LAUNCHER_GRACE_S)
         except BaseException:
             server.close()

@@ -312,7 +312,8 @@ def _import_numpy() -> None:
 
 
 def check(tests: dict, channel: Channel) -> dict:
-    """The checker's verdict: the program's globals bound over the trusted prelude, then the test."""
+    """The checker's verdict: over the trusted prelude, the program's globals the test is meant to
+    take (``tests["names"]``) and the modules it imported; then the test."""
     first = channel.receive()
     if "globals" not in first:  # the program failed on its own, or broke the protocol
         error = first.get("error")
@@ -326,8 +327,10 @@ def check(tests: dict, channel: Channel) -> dict:
     link = Link(channel)
     if type(first["globals"]) is not dict:
         raise ProtocolError("globals that are not an object")
+    wanted = set(tests["names"])
     for name, data in first["globals"].items():
-        if name not in trusted:
+        is_module = type(data) is dict and set(data) == {"m"}
+        if name not in trusted and (name in wanted or is_module):
             namespace[name] = decode(data, link.remote, trusted_module)
     return execute(tests["test"], namespace)
 

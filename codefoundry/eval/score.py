@@ -49,24 +49,45 @@ def read_samples(path: str | Path) -> list[dict]:
 
 
 @functools.cache
-def trusted_prelude(problem: Problem) -> str:
-    """The top-level statements of the reference program (head + canonical + suffix) that lie
-    wholly outside the part a completion writes: the prompt's imports and helper functions,
-    which the test may use. Statements the completion writes or finishes (the entry point,
-    all of an MBPP answer) are left to the program."""
+def split_reference(problem: Problem) -> tuple[str, tuple[str, ...]]:
+    """(prelude, names) from the reference program (head + canonical + suffix).
+
+    The prelude is its top-level statements that lie wholly outside the part a completion
+    writes: the prompt's imports and helper functions, which the test may use. The names
+    are those bound by the other statements, which the completion writes or finishes (the
+    entry point, all of an MBPP answer): the only names the test takes from the program.
+    """
     reference = problem.head + problem.canonical + (problem.suffix or "")
     lines = reference.splitlines(keepends=True)
     offsets = [0]
     for line in lines:
         offsets.append(offsets[-1] + len(line))
     answer_start, answer_end = len(problem.head), len(problem.head) + len(problem.canonical)
-    kept = []
+    kept, names = [], set()
     for node in ast.parse(reference).body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         start, end = offsets[first - 1], offsets[node.end_lineno]
         if end < answer_start or start > answer_end:
             kept.append(reference[start:end].rstrip("\n") + "\n")
-    return "".join(kept)
+        else:
+            names |= bound_names(node)
+    return "".join(kept), tuple(sorted(names))
+
+
+def bound_names(statement: ast.stmt) -> set[str]:
+    """The global names a top-level statement binds (definitions, imports, assignments)."""
+    names, todo = set(), [statement]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue  # what is bound inside is local to it
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {alias.asname or alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        todo += ast.iter_child_nodes(node)
+    return names
 
 
 def checked_program(problem: Problem, completion: str) -> CheckedProgram:
@@ -74,8 +95,9 @@ def checked_program(problem: Problem, completion: str) -> CheckedProgram:
     completion's module, the trusted prelude and the test."""
     suffix = problem.suffix or ""
     assert problem.tail.startswith(suffix)
-    return CheckedProgram(code=problem.head + completion + suffix, prelude=trusted_prelude(problem),
-                          test=problem.tail[len(suffix):])
+    prelude, names = split_reference(problem)
+    return CheckedProgram(code=problem.head + completion + suffix, prelude=prelude, test=problem.tail[len(suffix):],
+                          names=names)
 
 
 def check_samples(problems: dict[str, Problem], indexed: Iterable[tuple[int, dict]],
