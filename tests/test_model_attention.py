@@ -16,9 +16,12 @@ import torch.nn.attention.flex_attention as flex_module
 from codefoundry.config import ModelConfig
 from codefoundry.model import Transformer
 from codefoundry.model.attention import DiffAttention, attend
-from codefoundry.model.masking import attention_kernel, attention_mask, block_mask, force_attention_kernel
-from codefoundry.model.rope import rope_tables
-
+from codefoundry.model.masking import (
+    attention_kernel,
+    attention_mask,
+    block_mask,
+    force_attention_kernel,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
@@ -156,6 +159,5 @@ def test_cuda_never_takes_the_math_path():
     assert attention_kernel(dataclasses.replace(gqa_docs, dropout=0.1), cuda, dropout=0.1) == "sdpa-masked"
     assert attention_kernel(gqa_docs, cpu) == "sdpa-masked"
     assert attention_kernel(sinks, cuda, decoding=True) == "sdpa-masked"
-    with pytest.raises(ValueError):
-        with force_attention_kernel("math"):
-            pass
+    with pytest.raises(ValueError), force_attention_kernel("math"):
+        pass

@@ -131,5 +131,5 @@ def test_triton_kernel_equals_the_emulated_reference_under_the_interpreter():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, capture_output=True, text=True, timeout=240)
+    run = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], check=False, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

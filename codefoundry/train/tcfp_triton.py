@@ -40,7 +40,7 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         m_ok, n_ok = rm < M, rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, KB):
+        for kb in range(KB):
             x_off = rm[:, None] * K + kb * BLOCK_K + rk[None, :]  # (BLOCK_M, BLOCK_K)
             w_off = rn[None, :] * K + kb * BLOCK_K + rk[:, None]  # (BLOCK_K, BLOCK_N): w transposed
             x_hi = tl.load(xh + x_off, mask=m_ok[:, None], other=0.0)
