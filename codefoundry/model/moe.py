@@ -48,7 +48,8 @@ def moe_dispatch(device: torch.device, dtype: torch.dtype) -> str:
     if dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return "dense"
     if device.type == "cuda":
-        return "grouped" if torch.cuda.get_device_capability(device) >= (9, 0) else "dense"
+        props = torch.cuda.get_device_properties(device)  # (torch.compile folds this one to a constant)
+        return "grouped" if (props.major, props.minor) >= (9, 0) else "dense"
     return "grouped"
 
 

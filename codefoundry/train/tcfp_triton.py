@@ -27,7 +27,10 @@ except ImportError:  # the emulated path in train/tcfp.py needs nothing of this
 
 def available(device: torch.device) -> bool:
     """True where the kernel runs at speed: Triton present and a CUDA GPU with FP8 tensor cores."""
-    return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if triton is None or device.type != "cuda":
+        return False
+    props = torch.cuda.get_device_properties(device)  # (torch.compile folds this one to a constant)
+    return (props.major, props.minor) >= (8, 9)
 
 
 if triton is not None:
