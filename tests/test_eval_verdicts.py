@@ -176,8 +176,8 @@ def test_report_says_which_guarantees_hold(shared_data, tmp_path):
                             show_progress=False)
     assert summary["passed"] == 0
     integrity = summary["sandbox"]["verdict_integrity"]
-    assert len(integrity) == 5 and all(isinstance(v, bool) for v in integrity.values())
+    assert len(integrity) == 6 and all(isinstance(v, bool) for v in integrity.values())
     assert integrity["the test runs only in the checker: the program cannot read it, trace it or replace check()"]
     text = markdown(summary)
     assert "Verdict integrity against programs built to cheat:" in text
-    assert text.count("- holds: ") + text.count("- does NOT hold: ") == 5
+    assert text.count("- holds: ") + text.count("- does NOT hold: ") == 6

@@ -146,6 +146,8 @@ class Sandbox:
             "the verdict comes from a checker process; the program's own process never reports it": True,
             "the test runs only in the checker: the program cannot read it, trace it or replace check()": True,
             "results cross as plain data rebuilt by the checker: a forged __eq__ is never called": True,
+            "the test takes only its target names and imported modules from the program (no shadowed "
+            "builtins or prompt helpers)": True,
             "the program runs under another uid, so it cannot signal, trace or write to the checker": self.root,
             "the program cannot modify the evaluator's files (including this harness)": self.root,
         }
