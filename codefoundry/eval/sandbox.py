@@ -141,14 +141,18 @@ class Sandbox:
         return held
 
     def verdict_integrity(self) -> dict[str, bool]:
-        """Which guarantees protect a checked program's verdict against a program built to cheat."""
+        """Which guarantees protect a checked program's verdict against a program built to cheat.
+
+        Verdicts are unforgeable only when all hold. Without root the program keeps the
+        evaluator's uid, so it can still reach the evaluator's pipes and files."""
         return {
             "the verdict comes from a checker process; the program's own process never reports it": True,
             "the test runs only in the checker: the program cannot read it, trace it or replace check()": True,
             "results cross as plain data rebuilt by the checker: a forged __eq__ is never called": True,
             "the test takes only its target names and imported modules from the program (no shadowed "
             "builtins or prompt helpers)": True,
-            "the program runs under another uid, so it cannot signal, trace or write to the checker": self.root,
+            "the program runs under another uid, so it cannot signal, trace or write to the checker "
+            "or to the evaluator's pipes (through /proc)": self.root,
             "the program cannot modify the evaluator's files (including this harness)": self.root,
         }
 
