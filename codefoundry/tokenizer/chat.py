@@ -27,14 +27,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from codefoundry.errors import UserError
 from codefoundry.tokenizer import special as sp
 from codefoundry.tokenizer.bpe import CodeTokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class ChatFormatError(ValueError):
-    """A conversation that cannot be rendered (unknown role, tool output outside a turn...)."""
+class ChatFormatError(UserError, ValueError):
+    """A conversation that cannot be rendered (unknown role, tool output outside a turn, a chat template that
+    fails on it...): one line, as the CLI prints user errors; the server answers it with a 400."""
 
 
 @dataclass
