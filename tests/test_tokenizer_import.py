@@ -124,8 +124,9 @@ def test_missing_role_and_bad_template_are_one_line_errors(tmp_path):
     pytest.importorskip("transformers")
     src = pretrained_dir(tmp_path / "bare", ["<|end_of_text|>"],
                          {"chat_template": "{{ raise_exception('no system messages') }}"})
+    (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|end_of_text|>"}}))
     tok = import_tokenizer(src, tmp_path / "out" / "tokenizer.json", append=False).tokenizer
-    assert tok.eot_id == tok.tk.token_to_id("<|end_of_text|>")
+    assert tok.eot_id == tok.tk.token_to_id("<|end_of_text|>") and tok.config.eos_token == "<|end_of_text|>"
     with pytest.raises(UserError, match="no token for the role <\\|fim_prefix\\|> \\(FIM tokens\\)"):
         tok.fim_prompt("a", "b")
     with pytest.raises(ChatFormatError, match="chat template failed to render.*no system messages"):

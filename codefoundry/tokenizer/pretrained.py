@@ -67,14 +67,19 @@ def read_hf_tokenizer(source: str | Path) -> tuple[Tokenizer, TokenizerConfig]:
         tk = Tokenizer.from_file(str(json_path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
         raise UserError(f"{json_path} is not a valid tokenizers JSON file ({exc})") from None
-    cfg_path = sidecar_path(json_path)
-    raw = {}
-    if cfg_path.is_file():
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{cfg_path} is not valid JSON ({exc})") from None
+    # Older saves keep BOS/EOS in special_tokens_map.json; tokenizer_config.json wins where both say.
+    raw = {**_read_json(json_path.with_name("special_tokens_map.json")), **_read_json(sidecar_path(json_path))}
     return tk, TokenizerConfig.from_hf(raw, json_path.with_name("chat_template.jinja"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    return raw if isinstance(raw, dict) else {}
 
 
 def _from_hub(name: str) -> tuple[Tokenizer, TokenizerConfig]:
