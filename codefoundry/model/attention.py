@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from codefoundry.config import ModelConfig
 from codefoundry.model.kv_cache import KVCache
 from codefoundry.model.norm import RMSNorm
 from codefoundry.model.rope import apply_rope
+
+if TYPE_CHECKING:  # FlexAttention imports torch._dynamo (seconds): only the training/GPU path loads it
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
@@ -42,7 +45,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     visible), or ``None`` = causal with the queries being the last Tq keys. ``sinks`` (H,)
     adds ``exp(sink)`` to each softmax denominator (attention may "go nowhere").
     """
-    if isinstance(mask, BlockMask):
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
         if dropout > 0:
             raise ValueError("FlexAttention has no attention dropout; masking.attention_kernel avoids it then")
         return _flex(q, k, v, mask, sinks)
@@ -74,13 +77,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 @functools.cache
 def _compiled_flex():
-    """FlexAttention compiled once (it is only fast compiled; inside a compiled model this is inlined)."""
+    """FlexAttention is only fast compiled: an uncompiled model on CUDA calls this compiled copy
+    (inside a compiled model the plain function is traced and compiled with the rest)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
           sinks: torch.Tensor | None) -> torch.Tensor:
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     gqa = q.shape[1] != k.shape[1]
     # Autocast does not cover FlexAttention: QK-norm may hand over fp32 q/k beside a bf16 v.
     q, k = q.to(v.dtype), k.to(v.dtype)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
-from torch.nn.attention.flex_attention import BlockMask
 
 from codefoundry.config import ModelConfig
 from codefoundry.model.attention import Attention, DiffAttention
@@ -12,6 +13,9 @@ from codefoundry.model.kv_cache import KVCache
 from codefoundry.model.mlp import MLP
 from codefoundry.model.moe import MoE
 from codefoundry.model.norm import RMSNorm
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class Block(nn.Module):

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from codefoundry.config import ModelConfig
 from codefoundry.model.kv_cache import KVCache
+
+if TYPE_CHECKING:  # FlexAttention imports torch._dynamo (seconds): loaded only when a block mask is built
+    from torch.nn.attention.flex_attention import BlockMask
 
 KERNELS = ("sdpa-causal", "flex", "sdpa-masked")
 _forced: str | None = None  # set by force_attention_kernel (tests, the GPU check's CPU smoke run)
@@ -78,6 +81,8 @@ def build_mask(idx: torch.Tensor, cfg: ModelConfig, kernel: str,
 
 def block_mask(idx: torch.Tensor, cfg: ModelConfig) -> BlockMask:
     """FlexAttention's block-sparse causal (and, with ``cfg.doc_mask``, same-document) mask for ``idx`` (B, T)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
     b, t = idx.shape
     if not cfg.doc_mask:
         return create_block_mask(_causal, None, None, t, t, device=idx.device)
