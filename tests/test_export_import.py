@@ -73,6 +73,18 @@ def test_random_tiny_models_import_with_identical_logits(tiny_tokenizer, tmp_pat
         assert_logits_close(hf(ids).logits, model(ids), tol=1e-5)
 
 
+def test_sharded_checkpoint_imports_tensor_by_tensor(tiny_tokenizer, tmp_path):
+    tok, tok_path = tiny_tokenizer
+    hf = random_hf(tmp_path / "one", tok.vocab_size, "qwen2")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    shutil.copy(tok_path, tmp_path / "hf" / "tokenizer.json")
+    model, _ = load_model(import_hf(tmp_path / "hf", tmp_path / "ckpt")["out"])
+    ids = code_ids(tok)
+    with torch.no_grad():
+        assert_logits_close(hf(ids).logits, model(ids), tol=1e-5)
+
+
 def test_import_inverts_the_export(tiny_tokenizer, tmp_path):
     tok, tok_path = tiny_tokenizer
     model = make_checkpoint(tmp_path / "ckpt", tok_path, qk_norm=True, rope_scaling="linear", rope_factor=2.0)

@@ -194,5 +194,5 @@ def import_gguf(path: str | Path, out: str | Path, append: bool = True) -> dict[
         raise UserError(f"{path} is not a readable GGUF file ({exc})") from None
     arch, cfg = model_config_from_gguf(reader)
     adopted = gguf_tokenizer(path, append)
-    model = load_state_into(gguf_state_dict(reader, arch, cfg), cfg, str(path))
+    model = load_state_into(gguf_state_dict(reader, arch, cfg).items(), cfg, str(path))
     return write_imported(out, model, adopted, f"gguf-import:{arch}")

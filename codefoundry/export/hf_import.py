@@ -24,7 +24,9 @@ The chat template travels with the checkpoint (its ``tokenizer_config.json``), s
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +88,56 @@ def _biases(hf_cfg, problems: list[str]) -> tuple[bool, bool]:
     return attention_bias, False
 
 
-def load_state_into(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> Transformer:
-    """Our model holding transformers-named weights, matched name for name (any leftover is an error)."""
+def load_state_into(weights: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, source: str) -> Transformer:
+    """Our model holding transformers-named weights, matched name for name (any leftover is an error).
+
+    ``weights`` is consumed one tensor at a time and copied into place (fp32), so a checkpoint read
+    lazily never sits in memory beside the model: the peak is the model plus one tensor.
+    """
     model = Transformer(cfg)
-    ours = {hf_name(k): k for k in model.state_dict()}
-    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:  # GGUF files leave the tied head out
-        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-    unexpected = [k for k in state if k not in ours]
-    missing = [k for k in ours if k not in state]
+    targets = {hf_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    if cfg.tie_embeddings:
+        targets.pop("lm_head.weight")  # the embedding itself
+    seen, unexpected = set(), []
+    with torch.no_grad():
+        for name, tensor in weights:
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # tied: transformers may save the shared matrix twice
+            target = targets.get(name)
+            if target is None:
+                unexpected.append(name)
+            elif target.shape != tensor.shape:
+                raise UserError(f"cannot import {source}: {name} has shape {tuple(tensor.shape)}, "
+                                f"the config implies {tuple(target.shape)}")
+            else:
+                target.copy_(tensor)
+                seen.add(name)
+    missing = [k for k in targets if k not in seen]
     if unexpected or missing:
         raise UserError(f"cannot import {source}: weights {unexpected[:3]} have no place in our model, "
                         f"{missing[:3]} are missing")
-    model.load_state_dict({ours[k]: v for k, v in state.items()})
     return model.eval()
+
+
+def hf_weights(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The directory's weights one tensor at a time: straight from safetensors (one file or an index of
+    shards) when it has them, else through transformers (e.g. pytorch_model.bin)."""
+    from safetensors import safe_open
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        yield from AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).state_dict().items()
+        return
+    for name in files:
+        with safe_open(str(hf_dir / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield key, f.get_tensor(key)
 
 
 def grow_rows(weight: torch.Tensor, rows: int, new_ids: list[int]) -> torch.Tensor:
@@ -140,7 +179,7 @@ def write_imported(out: str | Path, model: Transformer, adopted: Adopted, preset
 
 def import_hf(hf_dir: str | Path, out: str | Path, append: bool = True) -> dict[str, Any]:
     """Write our checkpoint directory ``out`` from a transformers model directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -148,7 +187,5 @@ def import_hf(hf_dir: str | Path, out: str | Path, append: bool = True) -> dict[
     hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
     cfg = model_config_from_hf(hf_cfg)
     adopted = adopt(*read_hf_tokenizer(hf_dir), append=append)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    model = load_state_into(hf_model.state_dict(), cfg, str(hf_dir))
-    del hf_model
+    model = load_state_into(hf_weights(hf_dir), cfg, str(hf_dir))
     return write_imported(out, model, adopted, f"hf-import:{hf_cfg.model_type}")
