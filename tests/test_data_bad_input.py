@@ -39,26 +39,34 @@ def fifo(d: Path) -> int:
 
 @pytest.fixture(autouse=True)
 def _remove_deep_folders(tmp_path):
-    """pytest's own clean-up (shutil.rmtree) recurses once per level: remove the 1,200 levels here, bottom up."""
+    """pytest's own clean-up (shutil.rmtree) recurses once per level: remove the 1,200 levels here,
+    bottom up, each relative to its parent's descriptor (full paths cost O(depth) per call)."""
     yield
     for top in (tmp_path / "src" / "n", tmp_path / "n"):
-        chain = [str(top)] if top.is_dir() else []
-        while chain and os.path.isdir(chain[-1] + "/n"):
-            chain.append(chain[-1] + "/n")
-        for folder in reversed(chain):
-            for name in os.listdir(folder):
+        if not top.is_dir():
+            continue
+        fds = [os.open(top, os.O_RDONLY)]
+        while os.path.isdir(f"/proc/self/fd/{fds[-1]}/n"):
+            fds.append(os.open("n", os.O_RDONLY, dir_fd=fds[-1]))
+        for i in range(len(fds) - 1, -1, -1):
+            for name in os.listdir(fds[i]):
                 if name != "n":
-                    os.unlink(os.path.join(folder, name))
-            os.rmdir(folder)
+                    os.unlink(name, dir_fd=fds[i])
+            if i:
+                os.rmdir("n", dir_fd=fds[i - 1])
+            os.close(fds[i])
+        os.rmdir(top)
 
 
 def deep_folders(d: Path) -> int:
-    deep = str(d)
-    for _ in range(1200):  # one by one: mkdir(parents=True) itself recurses too deep
-        deep += "/n"
-        os.mkdir(deep)
-    deep = Path(deep)
-    (deep / "deep.py").write_text("def deep():\n    return 'bottom'\n")
+    fd = os.open(d, os.O_RDONLY)
+    for _ in range(1200):  # one by one, relative to the parent: mkdir(parents=True) itself recurses too deep
+        os.mkdir("n", dir_fd=fd)
+        fd, parent = os.open("n", os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    with open(os.open("deep.py", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "w") as f:
+        f.write("def deep():\n    return 'bottom'\n")
+    os.close(fd)
     return 1
 
 
