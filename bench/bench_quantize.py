@@ -7,7 +7,9 @@ fp32 / bf16 / int8 (per channel) / int4 (group-wise) on one trained model.
 Without --checkpoint a small speedrun-like model (dim 128, 4 layers, vocab 2048) is trained
 for --train-seconds (30) on part of the Python standard library, and its held-out files are the
 evaluation set. bf16 is bf16 autocast over fp32 weights (the baseline the issue names);
-the quantized rows run fp32 activations over quantized weights.
+the quantized rows run the model in fp32 with bf16 activations inside the quantized matmuls
+(see codefoundry/infer/quantize.py). bench/bench_decode.py measures decode speed on a
+realistically sized model; the rates here are for a toy one.
 """
 
 from __future__ import annotations

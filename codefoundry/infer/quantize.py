@@ -34,10 +34,23 @@ COMPUTE_DTYPE = torch.bfloat16  # the activation dtype the packed CPU kernels ar
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 
 
+CHUNK = 1 << 20  # weights quantized per step: big temporaries would page-fault on every fresh allocation
+
+
+def _row_chunks(w: torch.Tensor) -> list[slice]:
+    rows = max(1, CHUNK // w.shape[1])
+    return [slice(i, i + rows) for i in range(0, w.shape[0], rows)]
+
+
 def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: ``(q (N, K) int8 in [-127, 127], scale (N,))``, w ~ q * scale."""
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], device=w.device)
+    for rows in _row_chunks(w):
+        part = w[rows]
+        scale[rows] = s = (part.abs().amax(dim=1) / 127).clamp_(min=1e-12)
+        q[rows] = part.div(s[:, None]).round_().clamp_(-127, 127)
+    return q, scale
 
 
 def int4_weights(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,11 +60,14 @@ def int4_weights(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     ``w ~ (q - 8) * scale + zero``: ``zero`` is the value at the grid's middle.
     """
     n, k = w.shape
-    groups = w.reshape(n, k // group_size, group_size)
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-6)
-    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-    return q.reshape(n, k), scale, lo + 8 * scale
+    q = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    lo, scale = (torch.empty(n, k // group_size, device=w.device) for _ in range(2))
+    for rows in _row_chunks(w):
+        groups = w[rows].reshape(-1, k // group_size, group_size)
+        lo[rows], hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale[rows] = s = ((hi - lo[rows]) / 15).clamp_(min=1e-6)
+        q[rows] = (groups - lo[rows, :, None]).div_(s[..., None]).round_().clamp_(0, 15).reshape(-1, k)
+    return q, scale, lo + 8 * scale
 
 
 class PackedLinear(nn.Module):
@@ -96,7 +112,8 @@ class Int4Linear(PackedLinear):
         super().__init__(linear)
         self.group_size = group_size
         w = linear.weight.detach().float()
-        w = torch.cat([w, w.new_zeros(-w.shape[0] % self.ROWS, w.shape[1])])
+        if w.shape[0] % self.ROWS:
+            w = torch.cat([w, w.new_zeros(-w.shape[0] % self.ROWS, w.shape[1])])
         q, scale, zero = int4_weights(w, group_size)
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # (groups, N, 2): the kernel's layout of (scale, zero) pairs.
