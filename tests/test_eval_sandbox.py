@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from codefoundry.eval.sandbox import NOBODY, Sandbox, SandboxLimits
+from codefoundry.sandbox.runner import NOBODY, Sandbox, SandboxLimits
 
 TIMEOUT = 1.0
 

@@ -2,7 +2,7 @@
 
 Each attack passed under the single-process harness (and the first and third pass under the
 official one): an always-equal return value, a forged verdict line, ``sys.settrace``
-replacing ``check()``. The checker split (see ``sandbox_launcher``) must fail them all, keep
+replacing ``check()``. The checker split (see ``codefoundry/sandbox/launcher.py``) must fail them all, keep
 honest programs' verdicts, and say in the report which guarantees hold.
 """
 
@@ -13,7 +13,7 @@ import json
 import pytest
 
 from codefoundry.eval.benchmarks import load_problems
-from codefoundry.eval.sandbox import CheckedProgram, Sandbox, SandboxLimits
+from codefoundry.sandbox.runner import CheckedProgram, Sandbox, SandboxLimits
 from codefoundry.eval.score import (
     checked_program,
     markdown,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from codefoundry.eval.sandbox import namespaces_available
+from codefoundry.sandbox.runner import namespaces_available
 from codefoundry.infer import tools
 from codefoundry.infer.tools import ToolError, ToolLimits, Workspace
 

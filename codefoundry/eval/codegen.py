@@ -17,9 +17,9 @@ from typing import Any
 
 from codefoundry.errors import UserError
 from codefoundry.eval.benchmarks import Benchmark, Problem, get_benchmark, load_problems
-from codefoundry.eval.sandbox import Sandbox, SandboxLimits
 from codefoundry.eval.score import DEFAULT_KS, check_samples, score_samples, summarize, write_atomic
 from codefoundry.progress import Progress
+from codefoundry.sandbox.runner import Sandbox, SandboxLimits
 
 # A prompt is text to continue, or (prefix, suffix) to infill between.
 Prompt = str | tuple[str, str]

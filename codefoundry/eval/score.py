@@ -29,8 +29,8 @@ from codefoundry.eval.benchmarks import (
     read_records,
 )
 from codefoundry.eval.passk import mean_pass_at_k
-from codefoundry.eval.sandbox import CheckedProgram, Sandbox, SandboxLimits
 from codefoundry.progress import Progress
+from codefoundry.sandbox.runner import CheckedProgram, Sandbox, SandboxLimits
 
 DEFAULT_KS = (1, 10, 100)
 

@@ -13,7 +13,7 @@ regular files only; ``edit_file`` refuses files larger than ``write_file`` may p
 
 ``bash`` runs a command in the workspace after the ``confirm`` callback agrees, with a
 timeout and an output cap, through the sandbox's command runner
-(:func:`codefoundry.eval.sandbox_launcher.run_command`). Sandboxed (the default where the
+(:func:`codefoundry.sandbox.launcher.run_command`). Sandboxed (the default where the
 host allows namespaces), it gets a read-only view of the system with only the workspace
 and a private ``/tmp`` writable, no network, rlimits and no capabilities, in its own PID
 namespace. Otherwise it runs with the user's rights, and the runner, a child subreaper,
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from codefoundry.eval.sandbox import LAUNCHER, namespaces_available
+from codefoundry.sandbox.runner import LAUNCHER, namespaces_available
 
 log = logging.getLogger(__name__)
 

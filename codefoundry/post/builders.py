@@ -171,8 +171,8 @@ def preference_pairs_from_tests(model, tokenizer, problems: list[dict[str, Any]]
     """For each problem (``prompt``: signature + docstring, ``test``: asserts), sample answers as
     chat replies to :data:`DOCSTRING_REQUEST`, run them in the eval sandbox, and pair each
     passing answer with a failing one."""
-    from codefoundry.eval.sandbox import Sandbox
     from codefoundry.infer.engine import Request, SamplingParams, run_batch
+    from codefoundry.sandbox.runner import Sandbox
     from codefoundry.tokenizer.chat import render_chat
 
     sandbox = sandbox or Sandbox()

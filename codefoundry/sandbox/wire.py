@@ -1,6 +1,6 @@
 """Values and calls crossing between a sandboxed program and its checker.
 
-Both sides of :mod:`sandbox_launcher`'s checked jobs use this module (standard library
+Both sides of :mod:`launcher`'s checked jobs use this module (standard library
 only, loaded by the launcher from its own directory). Messages are JSON lines; values are
 JSON with tags: None, bool, int, float and str are themselves and a list is an array; any
 other value is an object with one key naming its type. Decoding builds genuine builtin (or

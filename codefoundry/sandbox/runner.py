@@ -1,6 +1,6 @@
 """Execute untrusted generated programs, each isolated in its own processes, in parallel.
 
-Programs go to ``sandbox_launcher.py`` servers (one ``python -I`` per worker, started
+Programs go to ``launcher.py`` servers (one ``python -I`` per worker, started
 with an empty environment so no secret is inherited), which fork fresh processes for every
 program. What isolation holds depends on what the OS grants, probed once per
 :class:`Sandbox`:
@@ -45,7 +45,7 @@ from codefoundry.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
+LAUNCHER = Path(__file__).with_name("launcher.py")
 NOBODY = 65534
 MB = 1 << 20
 # Extra wall-clock time a launcher gets beyond the program's own deadline (start-up,

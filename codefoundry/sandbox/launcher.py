@@ -1,8 +1,8 @@
-"""Run untrusted code in isolation; the far side of :mod:`codefoundry.eval.sandbox`.
+"""Run untrusted code in isolation; the far side of :mod:`codefoundry.sandbox.runner`.
 
-Started once per worker as ``python -I sandbox_launcher.py`` with a clean environment, it
+Started once per worker as ``python -I launcher.py`` with a clean environment, it
 serves jobs: on stdin, per job, a length-prefixed JSON frame with the code and limits (see
-:class:`codefoundry.eval.sandbox.SandboxLimits`) and, for a checked job, a second one with
+:class:`codefoundry.sandbox.runner.SandboxLimits`) and, for a checked job, a second one with
 the test; one JSON report per line on stdout. It uses the standard library only and
 imports nothing from codefoundry; ``-I`` keeps user paths and ``PYTHON*`` variables out,
 while the interpreter's installed packages stay importable, as they are under the
@@ -61,8 +61,8 @@ import sys
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sandbox_wire.py lies next to this script
-from sandbox_wire import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # wire.py lies next to this script
+from wire import (
     Channel,
     Handles,
     Link,
