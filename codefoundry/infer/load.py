@@ -27,7 +27,8 @@ def add_load_args(parser: argparse.ArgumentParser, checkpoint: bool = True) -> N
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16")
     parser.add_argument("--quantize", default="none", choices=("none", *SCHEMES),
-                        help="weight-only quantization applied after loading (int8 per channel, int4 per group of 32)")
+                        help="weight-only quantization applied after loading: block weights int8 per channel or int4 per "
+                             "group of 32, output head int8 (CPU: faster decoding; other devices: torchao)")
 
 
 def load_for_inference(checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
