@@ -62,7 +62,8 @@ def third_party_imports() -> dict[str, str]:
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top != "codefoundry":
+                beside = (path.parent / f"{top}.py").exists()  # a script importing its sibling file
+                if top not in sys.stdlib_module_names and top != "codefoundry" and not beside:
                     found.setdefault(top, str(path.relative_to(ROOT)))
     return found
 
