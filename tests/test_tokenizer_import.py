@@ -148,3 +148,15 @@ def test_our_tokenizers_keep_ids_and_no_sidecar(tiny_tokenizer):
     tok, path = tiny_tokenizer
     assert [tok.special_ids[t] for t in sp.SPECIAL_TOKENS] == list(range(len(sp.SPECIAL_TOKENS)))
     assert not (path.parent / "tokenizer_config.json").exists() and tok.config.chat_template is None
+
+
+def test_prepare_with_fim_and_no_fim_tokens_fails_before_writing(tmp_path):
+    from codefoundry.data.prepare import prepare
+
+    src = pretrained_dir(tmp_path / "bare", ["<|endoftext|>"])
+    tok = import_tokenizer(src, tmp_path / "tokenizer.json", append=False).tokenizer
+    with pytest.raises(UserError, match="no token for the role <\\|fim_prefix\\|> \\(FIM tokens\\)"):
+        prepare([stdlib_root() / "json"], tok, tmp_path / "data", show_progress=False, fim_rate=0.5)
+    assert not (tmp_path / "data").exists()
+    prepare([stdlib_root() / "json"], tok, tmp_path / "data", val_fraction=0.2, show_progress=False, fim_rate=0.0)
+    assert (tmp_path / "data" / "train" / "tokens.bin").is_file()

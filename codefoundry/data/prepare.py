@@ -24,6 +24,7 @@ from codefoundry.data.pipeline import PrepareOptions, prepare_pipeline
 from codefoundry.data.readers import SourceSpec
 from codefoundry.errors import UserError
 from codefoundry.tokenizer import CodeTokenizer
+from codefoundry.tokenizer import special as sp
 
 
 def prepare(sources: list[Path | str | SourceSpec], tokenizer: CodeTokenizer, out_dir: Path | str,
@@ -41,4 +42,7 @@ def prepare(sources: list[Path | str | SourceSpec], tokenizer: CodeTokenizer, ou
         dup = next(n for n in names if names.count(n) > 1)
         raise UserError(f"two sources are both named {dup!r} (the last path component); pass distinct folders")
     opt = PrepareOptions(val_fraction=val_fraction, languages=sorted(languages) if languages else None, **options)
+    if opt.fim_rate > 0:  # fail here, in one line, before any worker starts or anything is written
+        for role in (sp.FIM_PREFIX, sp.FIM_MIDDLE, sp.FIM_SUFFIX):
+            tokenizer.special_ids[role]
     return prepare_pipeline(specs, tokenizer, str(out_dir), opt, show_progress=show_progress, execution=execution)
