@@ -1,20 +1,28 @@
-"""Serving benchmark: decode tokens/s at batch 1, aggregate tokens/s with N concurrent
-requests, and time to first token.
+"""Serving benchmark: throughput and p50/p99 latency at 1, 8 and 32 concurrent clients, for the
+present server (FastAPI, continuous batching) beside the former one (the standard library's HTTP
+server with static batching, run from git commit 0cf7059 in a temporary directory), on the same
+checkpoint in the same run, through the official `openai` client with streaming; and the engines
+alone, in process: the continuous :class:`Engine` beside the former static policy (kept only here,
+:class:`StaticEngine`, over today's decoder), which isolates the batching policy from the HTTP
+stack and from model-code changes. Levels run interleaved and each --repeats times, and the best
+run of each is reported, so that a busy machine (other jobs on these 2 cores) distorts less.
 
-Two views: the engine alone (in process, no HTTP), and the real server (`codefoundry serve`
-in its own process) driven over 127.0.0.1 by the official `openai` client with streaming.
+Each client sends its requests one after another; request lengths vary (``ignore_eos`` with
+max_tokens drawn from --min-tokens..--max-tokens, the same draws for both servers), which is
+where a static batch waits for its longest row.
 
     python bench/bench_serve.py                                # tiny random model, CPU
     python bench/bench_serve.py --preset cf-150m --device cuda # a 150M model on GPU
     python bench/bench_serve.py --checkpoint runs/x/checkpoint
-
-Without --checkpoint the model is randomly initialised (speed does not depend on the
-weights). Requests use ``ignore_eos`` so every one runs the full --max-tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import random
 import re
 import statistics
 import subprocess
@@ -26,16 +34,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from codefoundry.checkpoint import load_model, read_model_config, save_checkpoint  # noqa: E402
+from codefoundry.checkpoint import read_model_config, save_checkpoint  # noqa: E402
+from codefoundry.config import ModelConfig  # noqa: E402
 from codefoundry.data.sources import stdlib_root  # noqa: E402
-from codefoundry.infer.engine import Request, SamplingParams, run_batch  # noqa: E402
 from codefoundry.model import Transformer  # noqa: E402
 from codefoundry.presets import get_preset  # noqa: E402
-from codefoundry.runtime import resolve_device, resolve_dtype  # noqa: E402
 from codefoundry.tokenizer import train_tokenizer  # noqa: E402
 
+FORMER = "0cf7059"  # the last commit with the static-batching engine and the http.server server
 PROMPT = "def fibonacci(n):\n    "
 
 
@@ -50,32 +59,44 @@ def random_checkpoint(preset: str, out: Path) -> Path:
     return save_checkpoint(out / "checkpoint", Transformer(cfg), out / "tokenizer.json", preset)
 
 
-def engine_figures(checkpoint: Path, device: str, max_tokens: int, concurrency: int,
-                   repeats: int) -> tuple[float, float]:
-    """Median (batch-1 tok/s, batch-N aggregate tok/s) of run_batch alone (no stop tokens)."""
-    dev = resolve_device(device)
-    model, tok = load_model(checkpoint, dev)
-    model = model.to(resolve_dtype("auto", dev))
+def former_checkpoint(checkpoint: Path, code: Path, out: Path) -> Path:
+    """The checkpoint as the former code reads it: config keys added since are dropped, which is
+    only allowed where they hold their default (so both servers run the same model)."""
+    known = json.loads(subprocess.run(
+        [sys.executable, "-c", "import dataclasses, json; from codefoundry.config import ModelConfig; "
+                               "print(json.dumps([f.name for f in dataclasses.fields(ModelConfig)]))"],
+        cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, check=True, capture_output=True, text=True).stdout)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key in [k for k in config["model"] if k not in known]:
+        if config["model"][key] != defaults.get(key):
+            raise SystemExit(f"the former code cannot run this model: model.{key}={config['model'][key]!r}")
+        del config["model"][key]
+    out.mkdir()
+    for f in checkpoint.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
-    def rate(n: int) -> float:
-        reqs = [Request(tok.encode(f"# {i}\n" + PROMPT), SamplingParams(max_tokens=max_tokens, temperature=1.0))
-                for i in range(n)]
-        start = time.perf_counter()
-        run_batch(model, tok, reqs)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return sum(len(r.completion_ids) for r in reqs) / (time.perf_counter() - start)
 
-    rate(1)  # warm-up
-    return (statistics.median(rate(1) for _ in range(repeats)),
-            statistics.median(rate(concurrency) for _ in range(repeats)))
+def start_server(code: Path, checkpoint: Path, device: str, max_batch: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "codefoundry.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+           "--device", device, "--max-batch", str(max_batch), "--max-tokens", str(max_tokens)]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=code, env=env)
+    line = proc.stdout.readline()
+    match = re.search(r"(http://[\w.:]+)", line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"server did not start: {line!r}")
+    return proc, match.group(1) + "/v1"
 
 
 def stream_one(client, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """(time to first token, total time, completion tokens) of one streamed completion."""
     start = time.perf_counter()
-    first = None
-    tokens = 0
+    first, tokens = None, 0
     for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=1.0,
                                            stream=True, stream_options={"include_usage": True},
                                            extra_body={"ignore_eos": True}):
@@ -86,65 +107,154 @@ def stream_one(client, prompt: str, max_tokens: int) -> tuple[float, float, int]
     return first or float("nan"), time.perf_counter() - start, tokens
 
 
-def start_server(checkpoint: Path, device: str, concurrency: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "codefoundry.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-           "--device", device, "--max-batch", str(concurrency), "--max-tokens", str(max_tokens)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    line = proc.stdout.readline()
-    match = re.search(r"(http://\S+/v1)", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return proc, match.group(1)
+def http_client(url: str):
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=600)
+    return lambda prompt, max_tokens: stream_one(client, prompt, max_tokens)
+
+
+class StaticEngine:
+    """The former engine's batching policy, kept only in this bench: after a request arrives, wait
+    up to ``max_wait_ms`` for others, decode them together to the end of the longest; a request
+    that arrives meanwhile waits for the next batch."""
+
+    def __init__(self, model, tokenizer, max_batch: int, max_wait_ms: float = 5.0) -> None:
+        import queue
+        import threading
+
+        self.model, self.tokenizer, self.max_batch, self.max_wait = model, tokenizer, max_batch, max_wait_ms / 1000
+        self.queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def submit(self, request) -> None:
+        self.queue.put(request)
+
+    def _loop(self) -> None:
+        import queue
+
+        from codefoundry.infer.engine import run_batch
+
+        while True:
+            batch = [self.queue.get()]
+            deadline = time.perf_counter() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
+                except queue.Empty:
+                    break
+            run_batch(self.model, self.tokenizer, batch)
+
+
+def engine_client(checkpoint: str, device: str, max_batch: int, static: bool):
+    """An engine driven in process the way a client would: the continuous one, or the static policy."""
+    from codefoundry.checkpoint import load_model
+    from codefoundry.infer.engine import Engine, Request, SamplingParams
+
+    model, tok = load_model(checkpoint, device)
+    engine = (StaticEngine if static else Engine)(model, tok, max_batch=max_batch)
+
+    def one(prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        start, first = time.perf_counter(), []
+        request = Request(tok.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=1.0),
+                          on_text=lambda _: first or first.append(time.perf_counter() - start))
+        engine.submit(request)
+        request.done.wait()
+        return (first or [float("nan")])[0], time.perf_counter() - start, len(request.completion_ids)
+    return one
+
+
+def load(call, clients: int, per_client: int, lengths: list[int]) -> dict[str, float]:
+    """``clients`` concurrent clients, each sending ``per_client`` requests in turn through ``call``."""
+    call(PROMPT, 4)  # warm-up
+
+    def run(c: int) -> list[tuple[float, float, int]]:
+        return [call(f"# {c}.{i}\n" + PROMPT, lengths[(c * per_client + i) % len(lengths)])
+                for i in range(per_client)]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(run, range(clients)) for r in rs]
+    wall = time.perf_counter() - start
+    latency = sorted(r[1] for r in results)
+    return {"tok_s": sum(r[2] for r in results) / wall, "p50": statistics.median(latency),
+            "p99": latency[min(len(latency) - 1, round(0.99 * (len(latency) - 1)))],
+            "ttft": statistics.median(r[0] for r in results), "requests": len(results)}
+
+
+def engine_level(checkpoint: Path, device: str, clients: int, per_client: int, max_batch: int,
+                 lengths: list[int], static: bool) -> dict[str, float]:
+    """:func:`load` on an engine in a process of its own (a fresh one per level, like a server)."""
+    job = json.dumps({"checkpoint": str(checkpoint), "device": device, "clients": clients, "per_client": per_client,
+                      "max_batch": max_batch, "lengths": lengths, "static": static})
+    out = subprocess.run([sys.executable, __file__, "--engine-run", job], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--engine-run":
+        job = json.loads(sys.argv[2])
+        call = engine_client(job["checkpoint"], job["device"], job["max_batch"], job["static"])
+        print(json.dumps(load(call, job["clients"], job["per_client"], job["lengths"])))
+        os._exit(0)  # the engine thread is a daemon; do not wait for it
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=64, help="requests per level (split over the clients)")
+    ap.add_argument("--min-tokens", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per (server, level); the best is reported")
     args = ap.parse_args()
-
-    import openai
+    levels = [int(c) for c in args.clients.split(",")]
+    rng = random.Random(0)
+    lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(args.preset, Path(tmp))
+        tmp = Path(tmp)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(args.preset, tmp)
         cfg, _ = read_model_config(checkpoint)
         with torch.device("meta"):
-            n_params, context = Transformer(cfg).num_params(), cfg.max_seq_len
-        max_tokens = min(args.max_tokens, context - 32)
-        single_engine, many_engine = engine_figures(checkpoint, args.device, max_tokens, args.concurrency,
-                                                       args.repeats)
-
-        proc, url = start_server(checkpoint, args.device, args.concurrency, max_tokens)
-        try:
-            client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=600)
-            stream_one(client, PROMPT, 8)  # warm-up
-            single = [stream_one(client, PROMPT, max_tokens) for _ in range(args.repeats)]
-            start = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                many = list(pool.map(lambda i: stream_one(client, f"# {i}\n" + PROMPT, max_tokens),
-                                     range(args.concurrency)))
-            wall = time.perf_counter() - start
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-    dev = resolve_device(args.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model: {args.checkpoint or args.preset} ({n_params / 1e6:.1f}M params), {name}, "
-          f"{max_tokens} new tokens per request, sampling at temperature 1")
-    print(f"engine only   batch 1: {single_engine:,.1f} tok/s | {args.concurrency} requests batched: "
-          f"{many_engine:,.1f} tok/s aggregate")
-    print(f"HTTP server   batch 1: decode {statistics.median((s[2] - 1) / (s[1] - s[0]) for s in single):,.1f} tok/s, "
-          f"time to first token {statistics.median(s[0] for s in single) * 1000:,.0f} ms (median of {args.repeats})")
-    print(f"HTTP server   {args.concurrency} concurrent: aggregate {sum(m[2] for m in many) / wall:,.1f} tok/s, "
-          f"time to first token median {statistics.median(m[0] for m in many) * 1000:,.0f} ms, "
-          f"max {max(m[0] for m in many) * 1000:,.0f} ms")
+            n_params = Transformer(cfg).num_params()
+        former = tmp / "former"
+        former.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", FORMER], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(former)], input=archive, check=True)
+        checkpoints = {former: former_checkpoint(checkpoint, former, tmp / "former-checkpoint"), ROOT: checkpoint}
+        runs: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+        for _ in range(args.repeats):
+            for clients in levels:
+                per_client = max(1, args.requests // clients)
+                for name, static in (("static", True), ("continuous", False)):
+                    runs.setdefault(("engine", name, clients), []).append(
+                        engine_level(checkpoint, args.device, clients, per_client, max(levels), lengths, static))
+                for name, code in (("static", former), ("continuous", ROOT)):
+                    proc, url = start_server(code, checkpoints[code], args.device, max(levels), args.max_tokens)
+                    try:
+                        runs.setdefault(("HTTP", name, clients), []).append(
+                            load(http_client(url), clients, per_client, lengths))
+                    finally:
+                        proc.terminate()
+                        proc.wait(timeout=30)
+        rows = [(*key, max(results, key=lambda r: r["tok_s"])) for key, results in runs.items()]
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model: {args.checkpoint or args.preset} ({n_params / 1e6:.1f}M params), {device}; max_tokens "
+          f"{args.min_tokens}-{args.max_tokens} per request (ignore_eos), temperature 1, max batch {max(levels)}")
+    print("engine: in process, static policy (bench copy) vs continuous; HTTP: former server (git "
+          f"{FORMER}, static) vs present server (continuous)")
+    print(f"{'via':<8}{'server':<15}{'clients':>8}{'requests':>9}{'tok/s':>10}{'p50 s':>8}{'p99 s':>8}"
+          f"{'TTFT p50 s':>12}")
+    for via, name, clients, r in sorted(rows, key=lambda row: (row[0] != "engine", row[1], row[2])):
+        print(f"{via:<8}{name:<15}{clients:>8}{r['requests']:>9}{r['tok_s']:>10,.1f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
+              f"{r['ttft']:>12.3f}")
+    by = {(v, n, c): r for v, n, c, r in rows}
+    for via in ("engine", "HTTP"):
+        for clients in levels:
+            old, new = by[(via, "static", clients)], by[(via, "continuous", clients)]
+            print(f"{via} {clients} clients: continuous/static throughput x{new['tok_s'] / old['tok_s']:.2f}, "
+                  f"p50 latency x{new['p50'] / old['p50']:.2f}")
 
 
 if __name__ == "__main__":

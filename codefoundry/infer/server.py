@@ -636,6 +636,12 @@ def serve(engine: Engine, tokenizer: CodeTokenizer, host: str, port: int, model_
 
     server = uvicorn.Server(server_config(make_app(engine, tokenizer, model_name, limits, api_key), host, port,
                                           limits, "info"))
+    if not access_log.handlers:  # one JSON object per request on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+        access_log.propagate = False
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
