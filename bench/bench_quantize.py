@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codefoundry.data.prepare import prepare  # noqa: E402
-from codefoundry.data.sources import iter_source_files, read_text, stdlib_root  # noqa: E402
-from codefoundry.eval.bpb import bits_per_byte  # noqa: E402
-from codefoundry.infer.generate import generate_tokens  # noqa: E402
-from codefoundry.infer.load import load_for_inference  # noqa: E402
-from codefoundry.infer.quantize import quantize_model, weight_bytes  # noqa: E402
-from codefoundry.recipes import build_run_config  # noqa: E402
-from codefoundry.tokenizer import train_tokenizer  # noqa: E402
-from codefoundry.train.trainer import pretrain  # noqa: E402
+from codefoundry.data.prepare import prepare
+from codefoundry.data.sources import iter_source_files, read_text, stdlib_root
+from codefoundry.eval.bpb import bits_per_byte
+from codefoundry.infer.generate import generate_tokens
+from codefoundry.infer.load import load_for_inference
+from codefoundry.infer.quantize import quantize_model, weight_bytes
+from codefoundry.recipes import build_run_config
+from codefoundry.tokenizer import train_tokenizer
+from codefoundry.train.trainer import pretrain
 
 SOURCES = ["json", "email", "logging", "asyncio", "http", "xml", "unittest", "concurrent"]
 

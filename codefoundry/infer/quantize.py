@@ -23,7 +23,7 @@ Other devices keep torchao's tensor subclasses (``Int8WeightOnlyConfig``, and
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from codefoundry.errors import UserError
 from codefoundry.infer.load import SCHEMES
