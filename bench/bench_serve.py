@@ -37,12 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from codefoundry.checkpoint import read_model_config, save_checkpoint  # noqa: E402
-from codefoundry.config import ModelConfig  # noqa: E402
-from codefoundry.data.sources import stdlib_root  # noqa: E402
-from codefoundry.model import Transformer  # noqa: E402
-from codefoundry.presets import get_preset  # noqa: E402
-from codefoundry.tokenizer import train_tokenizer  # noqa: E402
+from codefoundry.checkpoint import read_model_config, save_checkpoint
+from codefoundry.config import ModelConfig
+from codefoundry.data.sources import stdlib_root
+from codefoundry.model import Transformer
+from codefoundry.presets import get_preset
+from codefoundry.tokenizer import train_tokenizer
 
 FORMER = "0cf7059"  # the last commit with the static-batching engine and the http.server server
 PROMPT = "def fibonacci(n):\n    "

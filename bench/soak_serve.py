@@ -57,7 +57,7 @@ def _raw(host: str, port: int, payload: bytes, read: bool = True, timeout: float
 
 def _complete(out: bytes) -> bool:
     head, _, body = out.partition(b"\r\n\r\n")
-    match = re.search(rb"content-length: *(\d+)", head, re.I)
+    match = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
     return bool(match) and len(body) >= int(match.group(1))
 
 
@@ -129,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
-    from bench_serve import random_checkpoint  # noqa: E402  (bench/ is on sys.path when run as a script)
+    from bench_serve import random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(random_checkpoint("tiny", Path(tmp)))

@@ -20,9 +20,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers_post import make_checkpoint  # noqa: E402
+from helpers_post import make_checkpoint
 
-from codefoundry.checkpoint import load_model  # noqa: E402
+from codefoundry.checkpoint import load_model
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "decode_golden.json"
 PROMPTS = ["def add(a, b):\n", "import os\n", "class Point:\n    def __init__(self", "x"]

@@ -4,7 +4,6 @@ streaming with usage, /infill, concurrent batching, and 4xx errors that leave it
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor

@@ -16,7 +16,7 @@ from codefoundry.infer.engine import Engine
 from codefoundry.infer.server import BackgroundServer, ServerLimits, make_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from soak_serve import health, rss_mb, soak  # noqa: E402
+from soak_serve import health, rss_mb, soak
 
 
 def test_soak_mixed_traffic_keeps_serving():

@@ -26,11 +26,13 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,7 +43,7 @@ from codefoundry.infer.chat import Reply, assistant_reply
 from codefoundry.infer.engine import Engine, EngineBusy, Request, RequestRejected, SamplingParams
 from codefoundry.infer.metrics import ServerMetrics
 from codefoundry.tokenizer import CodeTokenizer
-from codefoundry.tokenizer.chat import ChatFormatError, parse_tool_call
+from codefoundry.tokenizer.chat import ChatFormatError, parse_tool_call, render_chat
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("codefoundry.access")
@@ -93,7 +95,7 @@ class _Job:
     client went away) or the client disconnects (checked while waiting), every engine request
     the job made is cancelled, which frees its row at the next step."""
 
-    def __init__(self, api: "Api", works: list[Work]) -> None:
+    def __init__(self, api: Api, works: list[Work]) -> None:
         self.api, self.loop = api, asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests: list[Request] = []
@@ -268,8 +270,6 @@ class Api:
         params = self.params(body, set(), max_tokens=max_tokens,
                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         try:  # render once up front so a bad conversation gets a 400 even when streaming
-            from codefoundry.tokenizer.chat import render_chat
-
             prompt = render_chat(self.tok, messages, add_generation_prompt=True, tools=schemas).ids
         except ChatFormatError as exc:
             raise ApiError(400, f"messages: {exc}", param="messages") from None

@@ -70,7 +70,7 @@ class KVCache:
 
     # --- rows that join and leave (continuous batching) ------------------------------------------
 
-    def rows(self, n: int) -> "KVCache":
+    def rows(self, n: int) -> KVCache:
         """The first ``n`` rows as a cache sharing this one's storage (write ``pos`` back after use)."""
         view = copy.copy(self)
         view.k, view.v, view.doc_ids = self.k[:, :n], self.v[:, :n], self.doc_ids[:n]
@@ -91,7 +91,7 @@ class KVCache:
         self.pos = pos
         return new
 
-    def place(self, row: int, src: "KVCache", src_row: int, src_start: int) -> int:
+    def place(self, row: int, src: KVCache, src_row: int, src_start: int) -> int:
         """Copy row ``src_row`` of ``src`` (columns ``src_start:src.pos``) into ``row`` so that it ends at
         this cache's ``pos``; return its first column here."""
         n = src.pos - src_start
