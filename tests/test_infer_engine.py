@@ -9,6 +9,7 @@ from helpers_post import tiny_checkpoint
 
 from codefoundry.checkpoint import load_model
 from codefoundry.infer.engine import (
+    Decoder,
     Engine,
     Request,
     RequestRejected,
@@ -130,3 +131,25 @@ def test_sampling_params_are_validated(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
     assert SamplingParams(temperature=1e-300).greedy  # below the floor: greedy, never inf/NaN
+
+
+def test_rows_keep_their_tokens_when_the_batch_is_packed(model_tok):
+    """A row that joins late and outlives the first one is packed left (KVCache.realign) and
+    still decodes exactly what it decodes alone."""
+    model, tok = model_tok
+    first = Request(tok.encode(PROMPTS[2]), SamplingParams(max_tokens=120, temperature=1.0, seed=1))
+    late = Request(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=100, temperature=1.0, seed=2))
+    decoder = Decoder(model, tok, 2)
+    decoder.add([first])
+    for _ in range(60):
+        decoder.step()
+    decoder.add([late])
+    packed = []
+    while decoder.rows:
+        before = decoder.batch.cache.pos
+        decoder.step()
+        packed.append(decoder.batch.cache.pos < before)
+    assert any(packed)
+    alone = Request(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=100, temperature=1.0, seed=2))
+    run_batch(model, tok, [alone])
+    assert late.completion_ids == alone.completion_ids and first.finish_reason == "length"

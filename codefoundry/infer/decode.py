@@ -18,6 +18,8 @@ import torch
 from codefoundry.model import Transformer
 from codefoundry.tokenizer import CodeTokenizer
 
+PACK_SLACK = 32  # columns no row owns that a step may attend over before the rows are packed
+
 
 def fit_prompt(ids: list[int], max_new_tokens: int, context: int) -> list[int]:
     """Keep the prompt's end when prompt + completion exceed the context (at least one token)."""
@@ -134,8 +136,11 @@ class DecodeBatch:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The one decoding step: feed each row's latest token (n,), return next-token logits (n, V)."""
         cache = self.cache
-        if cache.pos >= cache.max_len:  # out of columns: pack every row to the right of the shortest span
-            self.starts = cache.realign(self.starts, max(cache.pos - s for s in self.starts))
+        longest = max(cache.pos - s for s in self.starts)
+        # Out of columns, or attending over many columns no row owns (after the longest rows left):
+        # pack every row to end at the longest row's length.
+        if cache.pos >= cache.max_len or cache.pos - longest > PACK_SLACK:
+            self.starts = cache.realign(self.starts, longest)
         view = cache.rows(self.n)
         device = cache.k.device
         if any(self.starts):
