@@ -5,6 +5,7 @@ misbehave on purpose."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -226,11 +227,21 @@ def test_n_logprobs_echo_and_seed(served):
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy: the top token
 
 
-def test_metrics_schema_docs_and_access_log(served, caplog):
+def test_metrics_schema_docs_and_access_log(served):
     url, *_ = served
-    with caplog.at_level("INFO", logger="codefoundry.access"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    access = logging.getLogger("codefoundry.access")
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
         assert post(url + "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200
-    entry = json.loads([r.message for r in caplog.records if r.name == "codefoundry.access"][-1])
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    entry = json.loads(records[-1].getMessage())
     assert entry["path"] == "/v1/completions" and entry["status"] == 200 and entry["duration_ms"] > 0
     text = urllib.request.urlopen(url + "/metrics").read().decode()
     for name in ("codefoundry_requests_total", "codefoundry_prompt_tokens_total", "codefoundry_completion_tokens_total",
