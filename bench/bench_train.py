@@ -6,10 +6,11 @@
     python bench/bench_train.py --memory-only                               # chunked-CE peak memory
 
 1. Throughput: tokens/s (and MFU on a known GPU) of the training engine (`codefoundry
-   pretrain`) for each preset, next to a plain nanoGPT-style loop training the same model
-   on the same device with the same AdamW kernel (fused), so the engine's overhead (or gain)
-   is read as a ratio. Engine and loop alternate for ``--rounds`` rounds and each keeps its
-   best round, so a busy shared machine slows both rather than one.
+   pretrain`) for each preset, next to nanoGPT's plain loop (its ``get_batch`` on the same
+   token file) training the same model, seeded alike, on the same device with the same AdamW
+   kernel (fused), so the engine's overhead (or gain) is read as a ratio. Both time the same steps after the same warm-up; engine and loop
+   alternate for ``--rounds`` rounds and each keeps its best, so a busy shared machine slows
+   both rather than one (``--clock cpu --threads 1`` counts CPU time instead of elapsed time).
 2. Memory: peak memory of one forward+backward of the loss at vocab 49k, seq 2048, with and
    without chunked cross-entropy (``model.loss_chunk``). CUDA: max_memory_allocated; CPU:
    peak RSS growth of a fresh subprocess per setting (torch's CPU allocator is invisible to
@@ -33,11 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codefoundry.data.shards import ShardWriter
+from codefoundry.config import TrainConfig
+from codefoundry.data.shards import Shard, ShardWriter
 from codefoundry.model import Transformer
 from codefoundry.presets import get_preset
 from codefoundry.recipes import build_run_config
 from codefoundry.runtime import autocast, resolve_device, resolve_dtype
+from codefoundry.train.engine import Trainer
 from codefoundry.train.metrics import read_metrics
 from codefoundry.train.runtime import peak_flops, use_compile
 from codefoundry.train.smoke import make_synthetic_data
@@ -60,49 +63,81 @@ def random_token_data(out: Path, vocab: int, n_tokens: int) -> Path:
 CPU_PRESETS = ["speedrun-cpu", "tiny", "cf-tiny", "moe-tiny", "yxanul-tiny", "nanocode-tiny", "pythoncoder-tiny"]
 
 
+WARMUP_STEPS = 5  # untimed (compile, allocator warm-up); both runs time the same steps after them
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _mark(device: torch.device, clock) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock()
+
+
 def trainer_throughput(preset: str, seq: int, batch: int, steps: int, data: Path, precision: str,
-                       device: str, compile_: str) -> dict:
+                       device: str, compile_: str, clock: str, threads: int) -> dict:
+    """Tokens/s of the engine over its steps after warm-up (logging every 5 steps included)."""
+    marks: list[float] = []
+    real_step = Trainer.train_step
+
+    def timed_step(self):
+        result = real_step(self)
+        if self.step + 1 in (WARMUP_STEPS, steps):  # self.step counts the steps finished before this one
+            marks.append(_mark(self.device, CLOCKS[clock]))
+        return result
+
     with tempfile.TemporaryDirectory() as out:
         run = build_run_config(preset, None, [
             f"train.data={data}", f"train.out={out}", f"train.max_steps={steps}", f"train.seq_len={seq}",
             f"train.batch_size={batch}", "train.log_every=5", "train.warmup_steps=5", f"train.device={device}",
             f"train.linear_precision={precision}", f"train.compile={compile_}", f"model.max_seq_len={max(seq, 64)}",
-            "train.keep_last=1"])
-        pretrain(run, show_progress=False)
-        records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tok_per_s" in r][1:]  # skip warm-up
-    return {"tok_per_s": statistics.median(r["tok_per_s"] for r in records),
-            "mfu": statistics.median(r["mfu"] for r in records) if "mfu" in records[0] else None}
+            "train.keep_last=1", f"train.threads={threads}"])
+        Trainer.train_step = timed_step
+        try:
+            pretrain(run, show_progress=False)
+        finally:
+            Trainer.train_step = real_step
+        records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r.get("mfu") is not None]
+    tok_s = (steps - WARMUP_STEPS) * batch * seq / (marks[1] - marks[0])
+    return {"tok_per_s": tok_s, "mfu": statistics.median(r["mfu"] for r in records[1:]) if records[1:] else None}
 
 
-def reference_throughput(preset: str, seq: int, batch: int, steps: int, device_name: str, compile_: str) -> dict:
-    """The plain loop: random batches already on the device, fused AdamW, autocast, clip, step."""
+def reference_throughput(preset: str, seq: int, batch: int, steps: int, data: Path, device_name: str,
+                         compile_: str, clock: str, threads: int) -> dict:
+    """nanoGPT's training loop: its ``get_batch`` (random windows of the same token file), fused
+    AdamW, autocast, clip, step; the model built and seeded as the engine builds it."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     device = resolve_device(device_name)
     dtype = resolve_dtype("auto", device)
     cfg = dataclasses.replace(get_preset(preset), max_seq_len=max(seq, 64))
-    torch.manual_seed(0)
+    torch.manual_seed(TrainConfig.seed)
     model = Transformer(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    fwd = torch.compile(model) if use_compile(compile_, device) else model
-    data = torch.randint(0, cfg.vocab_size, (steps + 5, batch, seq + 1), device=device)
+    fwd = torch.compile(model, dynamic=False) if use_compile(compile_, device) else model
+    tokens = Shard(data / "train").tokens
+
+    def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(tokens) - seq - 1, (batch,))
+        x = torch.stack([torch.from_numpy(tokens[i:i + seq].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + seq].astype(np.int64)) for i in ix])
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x, y
 
     def step(i: int) -> None:
         with autocast(device, dtype):
-            loss = fwd(data[i, :, :-1], data[i, :, 1:])
+            loss = fwd(*get_batch())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for i in range(5):  # warm-up (and compile)
+    for i in range(WARMUP_STEPS):  # warm-up (and compile)
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for i in range(steps):
-        step(5 + i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    tok_s = steps * batch * seq / (time.perf_counter() - t)
+    t = _mark(device, CLOCKS[clock])
+    for i in range(WARMUP_STEPS, steps):
+        step(i)
+    tok_s = (steps - WARMUP_STEPS) * batch * seq / (_mark(device, CLOCKS[clock]) - t)
     peak = peak_flops(device)
     return {"tok_per_s": tok_s, "mfu": model.flops_per_token(seq) * tok_s / peak if peak else None}
 
@@ -148,15 +183,16 @@ def compare(preset: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = random_token_data(Path(tmp), vocab, max(200_000, args.batch * (args.seq + 1) * 4))
         for _ in range(args.rounds):
-            ref = reference_throughput(preset, args.seq, args.batch, args.steps, args.device, args.compile)
+            ref = reference_throughput(preset, args.seq, args.batch, args.steps, data, args.device, args.compile,
+                                       args.clock, args.threads)
             if ref["tok_per_s"] > out.get("reference_loop", {}).get("tok_per_s", 0):
                 out["reference_loop"] = ref
             for precision in args.precisions.split(","):
                 r = trainer_throughput(preset, args.seq, args.batch, args.steps, data, precision, args.device,
-                                       args.compile)
+                                       args.compile, args.clock, args.threads)
                 if r["tok_per_s"] > out.get(f"engine_{precision}", {}).get("tok_per_s", 0):
                     out[f"engine_{precision}"] = r
-    for key, r in out.items():
+    for r in out.values():
         r["ratio_to_reference"] = r["tok_per_s"] / out["reference_loop"]["tok_per_s"]
     return out
 
@@ -170,6 +206,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3, help="alternate loop and engine this often; keep each one's best")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for both runs (0: torch's default)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (steadier on a busy shared machine; "
+                        "use with --threads 1 so idle threads do not spin)")
     p.add_argument("--compile", default="auto")
     p.add_argument("--precisions", default="default", help="comma list: default,fp8-tensorwise,fp8-rowwise,tcfp12")
     p.add_argument("--memory-only", action="store_true")
@@ -179,7 +219,8 @@ def main() -> None:
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "throughput": {}}
     if not args.memory_only:
         presets = CPU_PRESETS if args.presets == "cpu" else args.presets.split(",")
-        print(f"seq {args.seq}, batch {args.batch}, {args.steps} steps, best of {args.rounds} rounds")
+        print(f"seq {args.seq}, batch {args.batch}, {args.steps} steps ({WARMUP_STEPS} untimed), best of "
+              f"{args.rounds} rounds, {args.clock} clock, {args.threads or torch.get_num_threads()} threads")
         print(f"{'preset':<18} {'run':<22} {'tok/s':>10} {'MFU':>7} {'x loop':>7}")
         for preset in presets:
             r = compare(preset, args)

@@ -123,7 +123,7 @@ def _check_shapes(path: Path, cfg: ModelConfig, model: Transformer, weights: Pat
     config, or weights from another model), instead of calling the file corrupt."""
     try:
         with safe_open(str(weights), "pt") as f:
-            stored = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+            stored = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, ValueError):
         return  # unreadable: load_model reports it as corrupt
     for name, tensor in model.state_dict().items():

@@ -110,8 +110,8 @@ class PreferenceLoss:
     def __init__(self, reference: torch.nn.Module, beta: float) -> None:
         self.reference, self.beta = reference, beta
 
-    def units(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return torch.full((), batch[0].shape[0] // 2, device=batch[0].device)
+    def units(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].shape[0] // 2  # pairs: fixed by batch_size, the same on every rank
 
     def tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return batch[0].numel()

@@ -43,6 +43,7 @@ class DocumentMaskedLoss(NextTokenLoss):
     EOT). It is a training-time switch: saved checkpoints keep the source model's setting."""
 
     def __init__(self, cfg: ModelConfig, eot_id: int) -> None:
+        super().__init__(masked=True)
         self.cfg, self.eot_id = cfg, eot_id
 
     def loss(self, model: Forward, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:

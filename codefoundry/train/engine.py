@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_model as st_load_model
+from torch import nn
 
 from codefoundry.config import RunConfig, TrainConfig
 from codefoundry.errors import UserError
@@ -77,6 +78,18 @@ class Stage:
     finish: Callable[[], dict[str, Any]] | None = None  # after training (all ranks): extra summary entries
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, still on the device."""
+
+    names: list[str]  # "loss" first, then the objective's metrics
+    means: torch.Tensor  # their global means over the step's units, one tensor
+    grad_norm: torch.Tensor | None
+    skip: torch.Tensor | None  # the guard's verdict (None: guard off)
+    tokens: int  # tokens read by all ranks
+    seq_len: int  # row length
+
+
 def start(tc: TrainConfig) -> Runtime:
     """Threads, the torchrun process group (if any), this rank's device and dtype, the seed."""
     set_threads(tc.threads)
@@ -113,7 +126,7 @@ def _eval_forward(model: nn.Module) -> Forward:
 class Trainer:
     def __init__(self, stage: Stage, rt: Runtime, ckpts: CheckpointManager,
                  found: tuple[Path, dict[str, Any]] | None, show_progress: bool = True) -> None:
-        self.stage, self.rt, self.ckpts = stage, rt, ckpts
+        self.stage, self.ckpts = stage, ckpts
         self.tc = tc = stage.run.train
         self.info, self.device, self.dtype = rt.info, rt.device, rt.dtype
         self.out = Path(tc.out)
@@ -168,17 +181,18 @@ class Trainer:
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
-    def train_step(self) -> tuple[list[str], torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, int]:
-        """One optimizer step over ``grad_accum`` micro-batches.
-
-        Returns (metric names, their global means as one device tensor with the loss first, the
-        gradient norm, the guard's verdict, tokens read by all ranks, row length).
-        """
+    def train_step(self) -> StepResult:
+        """One optimizer step over ``grad_accum`` micro-batches."""
         tc, info, objective = self.tc, self.info, self.stage.objective
         self.optimizer.set_lr_factor(lr_factor(self.step, self.total, tc.warmup_steps, tc.schedule,
                                                tc.decay_fraction, tc.min_lr_ratio))
         batches = [self.stage.source.next_batch(self.step) for _ in range(tc.grad_accum)]
-        units = D.sum_across_ranks(sum(objective.units(b) for b in batches).float(), info).clamp(min=1)
+        counts = [objective.units(b) for b in batches]
+        if all(isinstance(c, int) for c in counts):  # fixed by the batch shapes, the same on every rank
+            units: torch.Tensor | int = max(1, sum(counts) * info.world_size)
+        else:
+            units = D.sum_across_ranks(sum(torch.as_tensor(c, device=self.device) for c in counts).float(),
+                                       info).clamp(min=1)
         scale = info.world_size / units  # DDP/FSDP average gradients over ranks; this makes it a sum / units
         names: list[str] = ["loss"]
         sums: torch.Tensor | None = None
@@ -201,7 +215,7 @@ class Trainer:
         self.model.post_step()
         self.optimizer.zero_grad()
         tokens = sum(objective.tokens(b) for b in batches) * info.world_size
-        return names, means, grad_norm, skip, tokens, _row_length(batches[-1])
+        return StepResult(names, means, grad_norm, skip, tokens, _row_length(batches[-1]))
 
     def evaluate(self) -> float | None:
         """Validation loss of the stage's validation set (None without one); logged."""
@@ -228,14 +242,17 @@ class Trainer:
         self.ckpts.save(self.step, self.model, self.stage.tokenizer_json, self.stage.run.preset, state, val_loss,
                         self.optimizer.optimizers)
 
-    def _accumulate(self, means: torch.Tensor, skip: torch.Tensor | None) -> None:
-        kept = means if skip is None else torch.where(skip, 0.0, means)
-        self.window = kept if self.window is None else self.window + kept
-        self.window_steps += 1 if skip is None else (~skip).float()
+    def _accumulate(self, r: StepResult) -> None:
+        kept = r.means if r.skip is None else r.means.masked_fill(r.skip, 0.0)
+        if self.window is None:
+            self.window = kept.clone()
+        else:
+            self.window += kept
+        self.window_steps += 1 if r.skip is None else ~r.skip
 
-    def log(self, names: list[str], grad_norm: torch.Tensor | None, steps: int, seconds: float,
-            tokens_per_step: int, seq: int) -> None:
-        """Write one record of the window since the last one (the only place that reads the device)."""
+    def log(self, r: StepResult, steps: int, seconds: float) -> None:
+        """Write one record of the ``steps`` since the last one (the only place that reads the device)."""
+        names, grad_norm, tokens_per_step, seq = r.names, r.grad_norm, r.tokens, r.seq_len
         self.guard.raise_if_stuck(self.step)
         values = (self.window / self.window_steps.clamp(min=1)).tolist() if self.window is not None else []
         record: dict[str, Any] = {"step": self.step, **dict(zip(names, values))}
@@ -275,10 +292,10 @@ class Trainer:
         while self.total == 0 or self.step < self.total:
             if stop_after is not None and self.step >= stop_after:
                 break
-            names, means, grad_norm, skip, tokens, seq = self.train_step()
-            self._accumulate(means, skip)
+            result = self.train_step()
+            self._accumulate(result)
             self.step += 1
-            self.tokens_seen += tokens
+            self.tokens_seen += result.tokens
             now = time.perf_counter()
             if t_first is None:
                 t_first, first_step = now, self.step
@@ -289,7 +306,7 @@ class Trainer:
                                              self.device)
                 self.progress.total = self.total
             if self.step % tc.log_every == 0 or self.step == self.total or self.step == 1:
-                self.log(names, grad_norm, self.step - last_log_step, now - last_log_t, tokens, seq)
+                self.log(result, self.step - last_log_step, now - last_log_t)
                 last_log_t, last_log_step = now, self.step
             evaluated = False
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step != self.total:

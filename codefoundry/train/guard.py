@@ -36,15 +36,14 @@ class StepGuard:
         """The step's verdict as a 0-d bool tensor (True: skip it), or None when the guard is off."""
         if not self.enabled:
             return None
-        loss = loss.detach().float()
-        bad = ~torch.isfinite(loss)
-        if grad_norm is not None:
-            bad |= ~torch.isfinite(grad_norm)
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss if grad_norm is None else loss + grad_norm)  # inf + -inf is NaN too
         if self.spike_factor > 0 and step >= self.warmup_steps:
             bad |= loss > self.spike_factor * self.mean  # False while the mean is NaN
-        fresh = torch.where(torch.isnan(self.mean), loss, torch.lerp(self.mean, loss, EMA_WEIGHT))
-        self.mean = torch.where(bad, self.mean, fresh)
-        self.consecutive = torch.where(bad, self.consecutive + 1, 0)
+        # The running mean starts at the first healthy loss (a lerp from NaN would stay NaN).
+        start = torch.where(torch.isnan(self.mean), loss, self.mean)
+        self.mean = torch.where(bad, self.mean, torch.lerp(start, loss, EMA_WEIGHT))
+        self.consecutive = (self.consecutive + 1) * bad
         self.worst = torch.maximum(self.worst, self.consecutive)
         self.skipped_total += bad
         return bad
@@ -63,8 +62,8 @@ class StepGuard:
                             "lower train.lr or raise train.warmup_steps and resume from the last checkpoint")
 
     def state_dict(self) -> dict[str, Any]:
-        mean = float(self.mean)
-        return {"mean": None if mean != mean else mean, "consecutive": int(self.consecutive),
+        mean = None if torch.isnan(self.mean) else float(self.mean)
+        return {"mean": mean, "consecutive": int(self.consecutive),
                 "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -55,4 +55,3 @@ class DistributedMuon(torch.optim.Muon):
             for p, update in zip(params, updates):
                 new = p.mul(1 - lr * wd).add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
                 p.copy_(new if skip is None else torch.where(skip, p, new))
-        return None

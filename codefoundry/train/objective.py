@@ -11,7 +11,8 @@ a resumed run reads exactly the batches the uninterrupted run would have read.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -21,8 +22,9 @@ Forward = Callable[..., torch.Tensor]  # the model as the engine runs it (wrappe
 
 
 class Objective(Protocol):
-    def units(self, batch: Any) -> torch.Tensor:
-        """Number of loss units in ``batch`` (0-d tensor on the device; computed without a host sync)."""
+    def units(self, batch: Any) -> torch.Tensor | int:
+        """Number of loss units in ``batch``: a 0-d device tensor (counted without a host sync), or an
+        int when the batch's shape fixes it, the same on every rank (no counting, no collective)."""
 
     def tokens(self, batch: Any) -> int:
         """Tokens the model reads for ``batch`` (from shapes only; for throughput figures)."""
@@ -42,11 +44,15 @@ class BatchSource(Protocol):
 class NextTokenLoss:
     """Cross-entropy of next-token prediction, summed over target tokens (IGNORE_INDEX excluded).
 
-    Batches are (inputs, targets) pairs of (rows, seq_len) tensors.
+    Batches are (inputs, targets) pairs of (rows, seq_len) tensors. ``masked=False`` declares
+    that no target is ever IGNORE_INDEX (packed pretraining rows), so every token counts.
     """
 
-    def units(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return (batch[1] != IGNORE_INDEX).sum()
+    def __init__(self, masked: bool = True) -> None:
+        self.masked = masked
+
+    def units(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | int:
+        return (batch[1] != IGNORE_INDEX).sum() if self.masked else batch[1].numel()
 
     def tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return batch[0].numel()

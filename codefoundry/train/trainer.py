@@ -87,7 +87,7 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
         def validate(forward: Forward) -> float:
             return evaluate_loss(forward, val_dir, tc.batch_size, tc.seq_len, tc.eval_batches, rt.device)
 
-        return Stage("pretrain", run, model, NextTokenLoss(), ShardBatches(loader, stages), data / "tokenizer.json",
+        return Stage("pretrain", run, model, NextTokenLoss(masked=False), ShardBatches(loader, stages), data / "tokenizer.json",
                      validate if has_val else None)
 
     return train(run, make_stage, resume, stop_after, show_progress)
