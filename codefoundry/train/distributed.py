@@ -79,10 +79,15 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device,
     gradients in fp32 (the master weights and optimizer state stay fp32).
     """
     if info.mode == "ddp":
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
+        # torch >= 2.13 renames the switch (buffers are still synced once at init: they start equal anyway)
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_sync_buffers = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+                                       **no_sync_buffers)
     if info.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
