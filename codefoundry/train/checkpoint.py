@@ -69,13 +69,14 @@ class CheckpointManager:
         return sorted((p for p in self.dir.glob("step_*") if p.is_dir() and (p / "train_state.pt").is_file()),
                       key=self.step_of)
 
-    def find_resume(self, resume: bool | str) -> tuple[Path, dict[str, Any]] | None:
+    def find_resume(self, resume: bool | str, report: bool = True) -> tuple[Path, dict[str, Any]] | None:
         """(checkpoint dir, train state) to continue from, or None to start fresh.
 
         ``resume`` is False (fresh), True/"auto" (the newest checkpoint whose state loads;
         none yet means a fresh start, so one command serves first launch and restarts), or
-        a checkpoint directory. Checkpoints whose state does not load are skipped; if none
-        loads, the last error is raised rather than silently starting over.
+        a checkpoint directory. Checkpoints with a file that fails its manifest check or a state
+        that does not load are skipped, each with one line (``report``); if none loads, the last
+        error is raised rather than silently starting over.
         """
         if not resume:
             return None
@@ -93,7 +94,7 @@ class CheckpointManager:
                 return path, load_train_state(path)
             except UserError as exc:
                 error = exc
-                if self.info.is_main:
+                if report and self.info.is_main:
                     print(f"resume: skipping {path}: {exc}", flush=True)
         if error is not None:
             raise error

@@ -28,7 +28,7 @@ def resolve_run(args: argparse.Namespace) -> RunConfig:
 
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR (the directory of the run to continue)")
-        found = CheckpointManager(args.out).find_resume(args.resume)
+        found = CheckpointManager(args.out).find_resume(args.resume, report=False)  # the run reports skips
         base = found[1]["run"] if found is not None else None
     return build_run_config(args.preset, args.config, overrides, base=base)
 
