@@ -1,8 +1,11 @@
-"""Pretraining: a fresh model, next-token loss, packed rows from prepared shards, on the one engine.
+"""Pretraining: a fresh model, next-token loss, packed rows from prepared shards or a stream, on the one engine.
 
 :func:`pretrain` takes a resolved :class:`RunConfig` and trains: fixed ``max_steps``, or a
 wall-clock budget (``minutes``) converted into a step count after a few calibration steps
-so the schedule and any resume stay exact. Launched by ``torchrun`` it trains with DDP or
+so the schedule and any resume stay exact. With ``data.stream=true`` the rows come straight
+from ``data.sources`` (:class:`~codefoundry.data.stream.StreamLoader`, its position saved in
+every checkpoint) and ``train.data`` only needs the tokenizer (``tokenizer.json``; a ``val/``
+shard there still gives validation). Launched by ``torchrun`` it trains with DDP or
 FSDP2 (``train.parallel``); every rank runs this same function on its slice of each global
 batch, and only rank 0 logs. The loop itself is :mod:`codefoundry.train.engine`.
 """
@@ -18,8 +21,10 @@ import torch
 from codefoundry.config import RunConfig, parse_curriculum
 from codefoundry.data.loader import PackedLoader
 from codefoundry.data.shards import Shard
+from codefoundry.data.stream import StreamLoader
 from codefoundry.errors import UserError
 from codefoundry.model import Transformer
+from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.train.engine import Runtime, Stage, train
 from codefoundry.train.objective import Forward, NextTokenLoss
 from codefoundry.train.schedule import curriculum_seq_len
@@ -28,16 +33,16 @@ from codefoundry.train.schedule import curriculum_seq_len
 class ShardBatches:
     """The pretraining batch source: packed rows of this rank, shorter rows while a curriculum says so."""
 
-    def __init__(self, loader: PackedLoader, stages: list[tuple[int, int]]) -> None:
+    def __init__(self, loader: PackedLoader | StreamLoader, stages: list[tuple[int, int]]) -> None:
         self.loader, self.stages = loader, stages
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loader.next_batch(curriculum_seq_len(step, self.stages, self.loader.seq_len))
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
 
 
@@ -55,8 +60,11 @@ def evaluate_loss(forward: Forward, shard_dir: Path, batch_size: int, seq_len: i
     return (total / n).item()
 
 
-def _check_data(data: Path) -> None:
-    if not (data / "tokenizer.json").is_file() or not (data / "train" / "metadata.json").is_file():
+def _check_data(data: Path, stream: bool) -> None:
+    if stream and not (data / "tokenizer.json").is_file():
+        raise UserError(f"data.stream=true reads its tokenizer from train.data={data}/tokenizer.json, which is missing; "
+                        "point train.data at a directory holding the tokenizer (`codefoundry tokenizer train`)")
+    if not stream and (not (data / "tokenizer.json").is_file() or not (data / "train" / "metadata.json").is_file()):
         raise UserError(f"train.data={data} is not a prepared data directory; run `codefoundry data prepare` first")
 
 
@@ -65,8 +73,9 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
     """Train ``run`` from scratch (or resume it) and return a summary (also OUT/summary.json)."""
     tc = run.train
     data = Path(tc.data)
-    _check_data(data)
-    vocab = Shard(data / "train").meta["vocab_size"]
+    stream = run.data.stream
+    _check_data(data, stream)
+    vocab = CodeTokenizer.from_file(data / "tokenizer.json").vocab_size if stream else Shard(data / "train").meta["vocab_size"]
     mcfg = dataclasses.replace(run.model, vocab_size=vocab)  # rounded up to model.vocab_multiple
     if tc.seq_len > mcfg.max_seq_len:
         raise UserError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}; raise model.max_seq_len")
@@ -81,8 +90,12 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
         if resized and rt.info.is_main:
             print(note, flush=True)
         model = Transformer(mcfg).to(rt.device)
-        loader = PackedLoader(data / "train", tc.batch_size, tc.seq_len, tc.seed, rt.info.rank, rt.info.world_size,
-                              rt.device)
+        if stream:
+            loader: PackedLoader | StreamLoader = StreamLoader.from_run(run, data / "tokenizer.json", rt.info.rank,
+                                                                        rt.info.world_size, rt.device)
+        else:
+            loader = PackedLoader(data / "train", tc.batch_size, tc.seq_len, tc.seed, rt.info.rank,
+                                  rt.info.world_size, rt.device)
 
         def validate(forward: Forward) -> float:
             return evaluate_loss(forward, val_dir, tc.batch_size, tc.seq_len, tc.eval_batches, rt.device)
