@@ -20,7 +20,8 @@ def run_sft(args: argparse.Namespace) -> int:
     resume = _resume(args)
     run = finetune_config(args.checkpoint, SFT_DEFAULTS, args.overrides, args.out)
     try:
-        summary = sft(args.checkpoint, [Source.parse(d) for d in args.data], run, resume, args.stop_after)
+        summary = sft(args.checkpoint, [Source.parse(d) for d in args.data], run, resume, args.stop_after,
+                      lora=args.lora)
     finally:
         shutdown()
     print(json.dumps(summary, indent=2))
@@ -36,7 +37,8 @@ def run_dpo(args: argparse.Namespace) -> int:
     resume = _resume(args)
     run = finetune_config(args.checkpoint, DPO_DEFAULTS, args.overrides, args.out)
     try:
-        summary = dpo(args.checkpoint, Source.parse(args.data), run, args.beta, args.reference, resume, args.stop_after)
+        summary = dpo(args.checkpoint, Source.parse(args.data), run, args.beta, args.reference, resume, args.stop_after,
+                      lora=args.lora)
     finally:
         shutdown()
     print(json.dumps(summary, indent=2))
@@ -56,6 +58,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its newest valid checkpoint (fresh if none), "
                         "or from the named checkpoint directory")
     p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
+    p.add_argument("--lora", default=None, metavar="r=16,alpha=32,targets=q_proj,v_proj",
+                   help="train LoRA adapters only (targets=all-linear: every projection); checkpoints stay "
+                        "plain merged models, the adapter alone goes to OUT/adapter (give it again to --resume)")
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], out: str | Path) -> int:

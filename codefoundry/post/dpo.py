@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from codefoundry.checkpoint import load_model
 from codefoundry.config import RunConfig
 from codefoundry.errors import UserError
+from codefoundry.post.lora import LoraWeights
 from codefoundry.post.sft_data import Example, LoadReport, Source
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer.chat import ChatFormatError, render_chat
@@ -178,8 +179,9 @@ def evaluate_margins(policy: torch.nn.Module, ref: torch.nn.Module, pairs: list[
 
 def dpo(checkpoint: str | Path, source: Source, run: RunConfig, beta: float = 0.1,
         reference: str | Path | None = None, resume: bool | str = False, stop_after: int | None = None,
-        show_progress: bool = True) -> dict[str, Any]:
-    """Train ``checkpoint`` on preference pairs against a frozen ``reference`` (default: itself)."""
+        show_progress: bool = True, lora: str | None = None) -> dict[str, Any]:
+    """Train ``checkpoint`` on preference pairs against a frozen ``reference`` (default: itself).
+    ``lora`` trains adapters on the policy only (the reference stays the frozen base) and adds OUT/adapter/."""
     if beta <= 0:
         raise UserError(f"--beta must be positive, got {beta}")
     tc = run.train
@@ -197,13 +199,16 @@ def dpo(checkpoint: str | Path, source: Source, run: RunConfig, beta: float = 0.
         if not pairs:
             raise UserError(f"no usable preference pairs in {source.location} ({report})")
 
+        partial = LoraWeights(policy, lora, tc) if lora else None
+
         def finish() -> dict[str, Any]:
-            return {"beta": beta, "source": str(checkpoint), "reference": str(reference or checkpoint),
+            extra = partial.finish(tc.out, rt.info.is_main) if partial else {}
+            return {**extra, "beta": beta, "source": str(checkpoint), "reference": str(reference or checkpoint),
                     "pairs": report.kept, "skipped": dict(report.skipped),
                     "train_set": evaluate_margins(policy, ref, pairs, beta, tok.eot_id, rt.device)}
 
         return Stage("dpo", run, policy, PreferenceLoss(ref, beta),
                      PairBatches(pairs, tc.batch_size, tc.seed, tok.eot_id, rt.info, rt.device),
-                     Path(checkpoint) / "tokenizer.json", finish=finish)
+                     Path(checkpoint) / "tokenizer.json", finish=finish, partial=partial)
 
     return train(run, make_stage, resume, stop_after, show_progress)

@@ -10,16 +10,23 @@ takes all seven. ``save_adapter`` writes the PEFT layout (``adapter_config.json`
 ``adapter_model.safetensors``) holding only the adapter weights, under our module names;
 ``merge_lora`` folds each adapter into its base weight with peft's own merge and hands back
 a plain Transformer that every export and loader takes unchanged.
+
+``sft --lora`` / ``dpo --lora`` train through :class:`LoraWeights`, the engine's
+``Stage.partial`` hook: each checkpoint's model.safetensors is the merged model (so eval,
+generate and export read it unchanged), its train_state.pt holds the adapter weights for an
+exact resume, and the run ends with the adapter alone in OUT/adapter/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from codefoundry.config import TrainConfig
 from codefoundry.errors import UserError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -166,3 +173,58 @@ def merge_adapter_checkpoint(base: str | Path, adapter_dir: str | Path, out: str
     _, raw = read_model_config(base)
     merged = merge_lora(load_adapter(model, adapter_dir))
     return save_checkpoint(out, merged, Path(base) / "tokenizer.json", preset=raw.get("preset", ""))
+
+
+@torch.no_grad()
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Transformer whose weights are ``model``'s with each adapter folded in (W + alpha/r * B A),
+    leaving ``model`` and its adapters untouched (training goes on after a checkpoint)."""
+    from codefoundry.model import Transformer
+
+    deltas = {f"{name}.weight": layer.get_delta_weight(ADAPTER) for name, layer in lora_layers(model)}
+    weights = {}
+    for key, tensor in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        weights[key] = tensor + deltas[key].to(tensor.dtype) if key in deltas else tensor
+    cfg = dataclasses.replace(model.cfg)
+    with torch.device("meta"):
+        plain = Transformer(cfg)
+    plain.load_state_dict(weights, assign=True)
+    if cfg.tie_embeddings:
+        plain.lm_head.weight = plain.embed.weight
+    return plain
+
+
+class LoraWeights:
+    """A LoRA run as the training engine checkpoints it (``Stage.partial``): the merged model for
+    model.safetensors, the adapter weights as the trained state."""
+
+    def __init__(self, model: torch.nn.Module, spec: LoraSpec | str, tc: TrainConfig) -> None:
+        if tc.linear_precision != "default":
+            raise UserError(f"--lora trains in the default linear precision; drop train.linear_precision="
+                            f"{tc.linear_precision}")
+        self.model = apply_lora(model, spec)
+        self.spec: LoraSpec = self.model.lora_spec
+
+    def plain(self) -> torch.nn.Module:
+        return merged_copy(self.model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if "lora_" in k}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "lora_" in k]
+        if missing or unexpected:
+            raise UserError(f"the checkpoint's adapters differ from --lora {self.spec} (e.g. "
+                            f"{(missing or unexpected)[0]}); resume with the --lora it was trained with")
+
+    def finish(self, out: str | Path, is_main: bool) -> dict:
+        """Write the adapter alone to OUT/adapter (main rank); the summary's LoRA entries."""
+        adapter = Path(out) / "adapter"
+        if is_main:
+            save_adapter(self.model, adapter)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"lora": dataclasses.asdict(self.spec), "adapter": str(adapter), "trainable_params": trainable}

@@ -20,6 +20,7 @@ import torch
 from codefoundry.checkpoint import load_model
 from codefoundry.config import ModelConfig, RunConfig
 from codefoundry.errors import UserError
+from codefoundry.post.lora import LoraWeights
 from codefoundry.post.sft_data import (
     Example,
     LoadReport,
@@ -92,8 +93,9 @@ class PackedConversations:
 
 
 def sft(checkpoint: str | Path, sources: list[Source], run: RunConfig, resume: bool | str = False,
-        stop_after: int | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``checkpoint`` on ``sources``; writes OUT/checkpoint(s), metrics.jsonl, summary.json."""
+        stop_after: int | None = None, show_progress: bool = True, lora: str | None = None) -> dict[str, Any]:
+    """Fine-tune ``checkpoint`` on ``sources``; writes OUT/checkpoint(s), metrics.jsonl, summary.json.
+    ``lora`` (e.g. ``"r=16,alpha=32,targets=q_proj,v_proj"``) trains adapters only, and adds OUT/adapter/."""
     if not sources:
         raise UserError("give at least one --data source")
     tc = run.train
@@ -111,7 +113,13 @@ def sft(checkpoint: str | Path, sources: list[Source], run: RunConfig, resume: b
                 print(f"sft data {src.location} (weight {src.weight:g}): {report}")
         source = PackedConversations(sets, [s.weight for s in sources], tc.seed, tc.batch_size, seq_len, tok.eot_id,
                                      rt.info, rt.device)
+        partial = LoraWeights(model, lora, tc) if lora else None
+
+        def finish() -> dict[str, Any]:
+            extra = partial.finish(tc.out, rt.info.is_main) if partial else {}
+            return {"source": str(checkpoint), "data": data, **extra}
+
         return Stage("sft", run, model, DocumentMaskedLoss(model.cfg, tok.eot_id), source,
-                     Path(checkpoint) / "tokenizer.json", finish=lambda: {"source": str(checkpoint), "data": data})
+                     Path(checkpoint) / "tokenizer.json", finish=finish, partial=partial)
 
     return train(run, make_stage, resume, stop_after, show_progress)
