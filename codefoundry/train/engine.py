@@ -41,7 +41,6 @@ from codefoundry.progress import Progress
 from codefoundry.runtime import autocast, resolve_device, resolve_dtype, set_threads
 from codefoundry.train import distributed as D
 from codefoundry.train.checkpoint import CheckpointManager
-from codefoundry.train.code_eval import code_scores, due
 from codefoundry.train.distributed import DistInfo
 from codefoundry.train.guard import StepGuard
 from codefoundry.train.metrics import MetricsLog, read_metrics
@@ -121,7 +120,7 @@ def train(run: RunConfig, make_stage: Callable[[Runtime], Stage], resume: bool |
     rt = start(run.train)
     out = Path(run.train.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpts = CheckpointManager(out, run.train.keep_last, run.train.keep_best, rt.info, run.train.keep_best_metric)
+    ckpts = CheckpointManager(out, run.train.keep_last, run.train.keep_best, rt.info)
     found = ckpts.find_resume(resume)
     trainer = Trainer(make_stage(rt), rt, ckpts, found, show_progress)
     return trainer.fit(stop_after)
@@ -248,16 +247,7 @@ class Trainer:
         self.metrics.log({"step": self.step, "val_loss": val})
         return val
 
-    def score_code(self) -> dict[str, float]:
-        """pass@1 of the code benchmarks due at this step (``train.humaneval_every``...); logged."""
-        benchmarks = due(self.tc, self.step, self.total)
-        if not benchmarks:
-            return {}
-        scores = code_scores(self.model, self.stage.tokenizer_json, self.tc, benchmarks, self.device, self.dtype)
-        self.metrics.log({"step": self.step, **scores})
-        return scores
-
-    def save(self, val_loss: float | None = None, scores: dict[str, float] | None = None) -> None:
+    def save(self, val_loss: float | None = None) -> None:
         """A resumable checkpoint of this step (all ranks call it)."""
         state = {"step": self.step, "total_steps": self.total, "loader": self.stage.source.state_dict(),
                  "elapsed": self.elapsed_before + (time.perf_counter() - self.t0), "tokens": self.tokens_seen,
@@ -271,7 +261,7 @@ class Trainer:
             state["partial"] = self.stage.partial.state_dict()
             model = self.stage.partial.plain() if self.info.is_main else model
         self.ckpts.save(self.step, model, self.stage.tokenizer_json, self.stage.run.preset, state, val_loss,
-                        self.optimizer.optimizers, scores)
+                        self.optimizer.optimizers)
 
     def _accumulate(self, r: StepResult) -> None:
         kept = r.means if r.skip is None else r.means.masked_fill(r.skip, 0.0)
@@ -343,18 +333,14 @@ class Trainer:
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step != self.total:
                 val_loss = self.evaluate()
                 evaluated = val_loss is not None
-            scores = self.score_code() if self.step != self.total else {}
-            best_measured = self.ckpts.keep_best and self.ckpts.best_metric in scores  # saved so it can be the best
-            if (tc.save_every and self.step % tc.save_every == 0 or best_measured) and self.step != self.total:
-                self.save(val_loss if evaluated else None, scores)
+            if tc.save_every and self.step % tc.save_every == 0 and self.step != self.total:
+                self.save(val_loss if evaluated else None)
                 last_saved = self.step
         finished = self.total > 0 and self.step >= self.total
-        scores: dict[str, float] = {}
         if finished:
             val_loss = self.evaluate()
-            scores = self.score_code()
         if self.step != last_saved:
-            self.save(val_loss if finished else None, scores)
+            self.save(val_loss if finished else None)
         self.guard.raise_if_stuck(self.step)
         self.metrics.close()
         elapsed = self.progress.close(f"val loss {val_loss:.4f}" if val_loss is not None else "")
@@ -362,7 +348,7 @@ class Trainer:
                    "elapsed_s": self.elapsed_before + elapsed, "val_loss": val_loss,
                    "tok_per_s": (self.tokens_seen - self.tokens_at_start) / max(elapsed, 1e-9), "skipped_steps": self.guard.skipped,
                    "params": self.model.num_params(), "checkpoint": str(self.ckpts.latest_link),
-                   "world_size": self.info.world_size, **scores}
+                   "world_size": self.info.world_size}
         if self.info.is_main:
             logged = [r for r in read_metrics(self.metrics.path) if "loss" in r]
             summary["first"], summary["final"] = (logged[0], logged[-1]) if logged else (None, None)
