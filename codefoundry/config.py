@@ -163,11 +163,18 @@ class TrainConfig:
     max_skips: int = 10  # guard: abort after this many consecutive skipped steps
     tensorboard: bool = False  # also log to out/tensorboard (needs the `logging` extra)
     wandb_project: str = ""  # also log to this W&B project (needs the `logging` extra)
+    # Code benchmarks during training: greedy pass@1 on the first eval_limit tasks, programs run in the sandbox.
+    humaneval_every: int = 0  # every N steps (and at the end); 0 = off
+    mbpp_every: int = 0
+    eval_limit: int = 20
+    eval_max_new_tokens: int = 256
+    eval_data: str = ""  # a directory holding HumanEval.jsonl.gz / mbpp.jsonl, or the one file; "" = packaged/cached copy
+    keep_best_metric: str = "val_loss"  # what checkpoint-best is best by: val_loss | humaneval_pass@1 | mbpp_pass@1
 
     CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("wsd", "cosine", "constant"),
                "dtype": ("auto", "fp32", "bf16", "fp16"), "compile": ("auto", "on", "off"),
                "linear_precision": ("default", "fp8-tensorwise", "fp8-rowwise", "tcfp12"),
-               "parallel": ("ddp", "fsdp")}
+               "parallel": ("ddp", "fsdp"), "keep_best_metric": ("val_loss", "humaneval_pass@1", "mbpp_pass@1")}
 
     def __post_init__(self) -> None:
         for name, choices in self.CHOICES.items():
@@ -182,6 +189,12 @@ class TrainConfig:
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"train.decay_fraction={self.decay_fraction} must be between 0 and 1")
         parse_curriculum(self.curriculum, self.seq_len)
+        if min(self.humaneval_every, self.mbpp_every) < 0 or self.eval_limit < 1 or self.eval_max_new_tokens < 1:
+            raise ConfigError("train.humaneval_every and train.mbpp_every must be >= 0, train.eval_limit and "
+                              "train.eval_max_new_tokens >= 1")
+        bench = self.keep_best_metric.removesuffix("_pass@1")
+        if bench != "val_loss" and not getattr(self, f"{bench}_every"):
+            raise ConfigError(f"train.keep_best_metric={self.keep_best_metric} needs train.{bench}_every > 0")
 
 
 def parse_curriculum(spec: str, seq_len: int) -> list[tuple[int, int]]:

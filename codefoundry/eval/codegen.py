@@ -107,13 +107,14 @@ def evaluate(benchmark: str, generate: Generate, sampling: Sampling, output: str
 
 def quick_humaneval(model: Any, tokenizer: Any, limit: int = 20, max_new_tokens: int = 256,
                     data: str | Path | None = None, workers: int | None = None,
-                    generate: Generate | None = None) -> dict[str, float]:
-    """Greedy pass@1 on the first ``limit`` HumanEval tasks, for periodic evals during training.
+                    generate: Generate | None = None, benchmark: str = "humaneval") -> dict[str, float]:
+    """Greedy pass@1 on the first ``limit`` tasks of HumanEval (or ``benchmark``, e.g. MBPP), for
+    periodic evals during training.
 
     Writes no files; the model is put in eval mode and returned to its previous mode.
     """
-    bench = get_benchmark("humaneval")
-    problems = load_problems("humaneval", data, limit)
+    bench = get_benchmark(benchmark)
+    problems = load_problems(benchmark, data, limit)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -125,5 +126,5 @@ def quick_humaneval(model: Any, tokenizer: Any, limit: int = 20, max_new_tokens:
     with Sandbox(SandboxLimits(timeout=bench.timeout), workers) as sandbox:
         records = list(check_samples({p.task_id: p for p in problems}, enumerate(samples), sandbox))
     summary = summarize(bench.name, records, len(problems), ks=(1,))
-    return {"humaneval/pass@1": summary["pass_at_k"]["pass@1"], "humaneval/tasks": float(summary["tasks"])}
+    return {f"{benchmark}/pass@1": summary["pass_at_k"]["pass@1"], f"{benchmark}/tasks": float(summary["tasks"])}
 

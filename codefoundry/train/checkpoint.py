@@ -4,7 +4,8 @@ The files of one checkpoint are read and written by :mod:`codefoundry.checkpoint
 
     OUT/checkpoints/step_00000100/   one directory per save (the last ``keep_last`` kept)
     OUT/checkpoint -> checkpoints/step_...        the latest (what eval, generate, resume read)
-    OUT/checkpoint-best -> checkpoints/step_...   the lowest validation loss so far
+    OUT/checkpoint-best -> checkpoints/step_...   the lowest validation loss so far (or the highest
+                                                  ``train.keep_best_metric`` score, e.g. humaneval_pass@1)
 
 Sharded (FSDP) runs add ``dcp/`` (torch.distributed.checkpoint: each rank's weights and
 optimizer shard) and still write a full ``model.safetensors`` for everything downstream.
@@ -48,7 +49,7 @@ class CheckpointManager:
     """
 
     def __init__(self, out: str | Path, keep_last: int = 2, keep_best: bool = True,
-                 info: DistInfo | None = None) -> None:
+                 info: DistInfo | None = None, best_metric: str = "val_loss") -> None:
         self.out = Path(out)
         self.dir = self.out / "checkpoints"
         self.latest_link = self.out / "checkpoint"
@@ -56,7 +57,9 @@ class CheckpointManager:
         self.keep_last, self.keep_best = keep_last, keep_best
         self.info = info or DistInfo()
         meta = self.best_link / "meta.json"
-        self.best_val: float | None = json.loads(meta.read_text()).get("val_loss") if meta.is_file() else None
+        # "val_loss" is best when lowest; a score (e.g. humaneval_pass@1, saved in meta.json) when highest.
+        self.best_metric, self.higher_is_better = best_metric, best_metric != "val_loss"
+        self.best_val: float | None = json.loads(meta.read_text()).get(best_metric) if meta.is_file() else None
 
     @staticmethod
     def step_of(path: Path) -> int:
@@ -102,7 +105,7 @@ class CheckpointManager:
 
     def save(self, step: int, model: torch.nn.Module, tokenizer_json: str | Path, preset: str,
              train_state: dict[str, Any], val_loss: float | None = None,
-             optimizers: list[torch.optim.Optimizer] | None = None) -> Path:
+             optimizers: list[torch.optim.Optimizer] | None = None, scores: dict[str, float] | None = None) -> Path:
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f".{final.name}.tmp"
         if self.info.is_main:
@@ -116,12 +119,15 @@ class CheckpointManager:
         if self.info.is_main:
             plain = _plain_model(unwrap(model).cfg, weights) if weights is not None else model
             write_checkpoint_files(tmp, plain, tokenizer_json, preset, {**train_state, "sharded": self.info.sharded})
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+            measured = {"val_loss": val_loss, **(scores or {})}
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **measured}) + "\n")
             write_manifest(tmp)
             replace_dir(tmp, final)
             _point(self.latest_link, final)
-            if self.keep_best and val_loss is not None and (self.best_val is None or val_loss < self.best_val):
-                self.best_val = val_loss
+            value = measured.get(self.best_metric)
+            if self.keep_best and value is not None and (
+                    self.best_val is None or (value > self.best_val if self.higher_is_better else value < self.best_val)):
+                self.best_val = value
                 _point(self.best_link, final)
             self._prune(step)
         D.barrier(self.info)

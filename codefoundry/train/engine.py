@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load_model as st_load_model
@@ -41,6 +41,7 @@ from codefoundry.progress import Progress
 from codefoundry.runtime import autocast, resolve_device, resolve_dtype, set_threads
 from codefoundry.train import distributed as D
 from codefoundry.train.checkpoint import CheckpointManager
+from codefoundry.train.code_eval import code_scores, due
 from codefoundry.train.distributed import DistInfo
 from codefoundry.train.guard import StepGuard
 from codefoundry.train.metrics import MetricsLog, read_metrics
@@ -64,15 +65,6 @@ class Runtime:
     dtype: torch.dtype
 
 
-class PartialWeights(Protocol):
-    """How a stage that trains only part of its model (LoRA adapters) checkpoints it: model.safetensors
-    holds the plain model everything downstream reads, train_state.pt the trained part for resume."""
-
-    def plain(self) -> nn.Module: ...  # the model as written to model.safetensors
-    def state_dict(self) -> dict[str, torch.Tensor]: ...  # the trained weights
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
-
-
 @dataclass
 class Stage:
     """What a training stage plugs into the engine."""
@@ -85,7 +77,6 @@ class Stage:
     tokenizer_json: Path  # copied into every checkpoint
     validate: Callable[[Forward], float] | None = None  # validation loss, given the eval forward
     finish: Callable[[], dict[str, Any]] | None = None  # after training (all ranks): extra summary entries
-    partial: PartialWeights | None = None  # only part of the model trains (LoRA); None: all of it
 
 
 @dataclass(frozen=True)
@@ -120,7 +111,7 @@ def train(run: RunConfig, make_stage: Callable[[Runtime], Stage], resume: bool |
     rt = start(run.train)
     out = Path(run.train.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpts = CheckpointManager(out, run.train.keep_last, run.train.keep_best, rt.info)
+    ckpts = CheckpointManager(out, run.train.keep_last, run.train.keep_best, rt.info, run.train.keep_best_metric)
     found = ckpts.find_resume(resume)
     trainer = Trainer(make_stage(rt), rt, ckpts, found, show_progress)
     return trainer.fit(stop_after)
@@ -147,14 +138,7 @@ class Trainer:
         if tc.activation_checkpointing:
             enable_activation_checkpointing(model)
         ckpt_dir, state = found if found else (None, None)
-        if stage.partial is not None and self.info.sharded:
-            raise UserError("training part of a model (LoRA) runs under train.parallel=ddp, not fsdp")
-        if state is not None and (stage.partial is None) != ("partial" not in state):
-            raise UserError(f"checkpoint {ckpt_dir} was {'not ' * ('partial' not in state)}trained with adapters "
-                            "(--lora); resume with the flags it was trained with")
-        if state is not None and stage.partial is not None:
-            stage.partial.load_state_dict(state["partial"])
-        elif state is not None and not state.get("sharded"):
+        if state is not None and not state.get("sharded"):
             st_load_model(model, str(ckpt_dir / "model.safetensors"), device=str(self.device))
         self.wrapped = D.wrap_model(model, self.info, self.device, self.dtype)
         self.optimizer = build_optimizer(model, tc, self.device, self.info)
@@ -247,7 +231,16 @@ class Trainer:
         self.metrics.log({"step": self.step, "val_loss": val})
         return val
 
-    def save(self, val_loss: float | None = None) -> None:
+    def score_code(self) -> dict[str, float]:
+        """pass@1 of the code benchmarks due at this step (``train.humaneval_every``...); logged."""
+        benchmarks = due(self.tc, self.step, self.total)
+        if not benchmarks:
+            return {}
+        scores = code_scores(self.model, self.stage.tokenizer_json, self.tc, benchmarks, self.device, self.dtype)
+        self.metrics.log({"step": self.step, **scores})
+        return scores
+
+    def save(self, val_loss: float | None = None, scores: dict[str, float] | None = None) -> None:
         """A resumable checkpoint of this step (all ranks call it)."""
         state = {"step": self.step, "total_steps": self.total, "loader": self.stage.source.state_dict(),
                  "elapsed": self.elapsed_before + (time.perf_counter() - self.t0), "tokens": self.tokens_seen,
@@ -256,12 +249,8 @@ class Trainer:
                          "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
         if not self.info.sharded:
             state["optimizer"] = self.optimizer.state_dict()
-        model = self.model
-        if self.stage.partial is not None:
-            state["partial"] = self.stage.partial.state_dict()
-            model = self.stage.partial.plain() if self.info.is_main else model
-        self.ckpts.save(self.step, model, self.stage.tokenizer_json, self.stage.run.preset, state, val_loss,
-                        self.optimizer.optimizers)
+        self.ckpts.save(self.step, self.model, self.stage.tokenizer_json, self.stage.run.preset, state, val_loss,
+                        self.optimizer.optimizers, scores)
 
     def _accumulate(self, r: StepResult) -> None:
         kept = r.means if r.skip is None else r.means.masked_fill(r.skip, 0.0)
@@ -333,14 +322,18 @@ class Trainer:
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step != self.total:
                 val_loss = self.evaluate()
                 evaluated = val_loss is not None
-            if tc.save_every and self.step % tc.save_every == 0 and self.step != self.total:
-                self.save(val_loss if evaluated else None)
+            scores = self.score_code() if self.step != self.total else {}
+            best_measured = self.ckpts.keep_best and self.ckpts.best_metric in scores  # saved so it can be the best
+            if (tc.save_every and self.step % tc.save_every == 0 or best_measured) and self.step != self.total:
+                self.save(val_loss if evaluated else None, scores)
                 last_saved = self.step
         finished = self.total > 0 and self.step >= self.total
+        scores: dict[str, float] = {}
         if finished:
             val_loss = self.evaluate()
+            scores = self.score_code()
         if self.step != last_saved:
-            self.save(val_loss if finished else None)
+            self.save(val_loss if finished else None, scores)
         self.guard.raise_if_stuck(self.step)
         self.metrics.close()
         elapsed = self.progress.close(f"val loss {val_loss:.4f}" if val_loss is not None else "")
@@ -348,7 +341,7 @@ class Trainer:
                    "elapsed_s": self.elapsed_before + elapsed, "val_loss": val_loss,
                    "tok_per_s": (self.tokens_seen - self.tokens_at_start) / max(elapsed, 1e-9), "skipped_steps": self.guard.skipped,
                    "params": self.model.num_params(), "checkpoint": str(self.ckpts.latest_link),
-                   "world_size": self.info.world_size}
+                   "world_size": self.info.world_size, **scores}
         if self.info.is_main:
             logged = [r for r in read_metrics(self.metrics.path) if "loss" in r]
             summary["first"], summary["final"] = (logged[0], logged[-1]) if logged else (None, None)
