@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_model as st_load_model
@@ -65,6 +65,15 @@ class Runtime:
     dtype: torch.dtype
 
 
+class PartialWeights(Protocol):
+    """How a stage that trains only part of its model (LoRA adapters) checkpoints it: model.safetensors
+    holds the plain model everything downstream reads, train_state.pt the trained part for resume."""
+
+    def plain(self) -> nn.Module: ...  # the model as written to model.safetensors
+    def state_dict(self) -> dict[str, torch.Tensor]: ...  # the trained weights
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
 @dataclass
 class Stage:
     """What a training stage plugs into the engine."""
@@ -77,6 +86,7 @@ class Stage:
     tokenizer_json: Path  # copied into every checkpoint
     validate: Callable[[Forward], float] | None = None  # validation loss, given the eval forward
     finish: Callable[[], dict[str, Any]] | None = None  # after training (all ranks): extra summary entries
+    partial: PartialWeights | None = None  # only part of the model trains (LoRA); None: all of it
 
 
 @dataclass(frozen=True)
@@ -138,7 +148,14 @@ class Trainer:
         if tc.activation_checkpointing:
             enable_activation_checkpointing(model)
         ckpt_dir, state = found if found else (None, None)
-        if state is not None and not state.get("sharded"):
+        if stage.partial is not None and self.info.sharded:
+            raise UserError("training part of a model (LoRA) runs under train.parallel=ddp, not fsdp")
+        if state is not None and (stage.partial is None) != ("partial" not in state):
+            raise UserError(f"checkpoint {ckpt_dir} was {'not ' * ('partial' not in state)}trained with adapters "
+                            "(--lora); resume with the flags it was trained with")
+        if state is not None and stage.partial is not None:
+            stage.partial.load_state_dict(state["partial"])
+        elif state is not None and not state.get("sharded"):
             st_load_model(model, str(ckpt_dir / "model.safetensors"), device=str(self.device))
         self.wrapped = D.wrap_model(model, self.info, self.device, self.dtype)
         self.optimizer = build_optimizer(model, tc, self.device, self.info)
@@ -249,7 +266,11 @@ class Trainer:
                          "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
         if not self.info.sharded:
             state["optimizer"] = self.optimizer.state_dict()
-        self.ckpts.save(self.step, self.model, self.stage.tokenizer_json, self.stage.run.preset, state, val_loss,
+        model = self.model
+        if self.stage.partial is not None:
+            state["partial"] = self.stage.partial.state_dict()
+            model = self.stage.partial.plain() if self.info.is_main else model
+        self.ckpts.save(self.step, model, self.stage.tokenizer_json, self.stage.run.preset, state, val_loss,
                         self.optimizer.optimizers, scores)
 
     def _accumulate(self, r: StepResult) -> None:
