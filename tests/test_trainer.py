@@ -113,3 +113,20 @@ def test_curriculum_and_evaluation_never_recompile_a_graph(tiny_data, tmp_path, 
     # one training graph per row length (16, 32, 64), one evaluation graph (no grad)
     assert {len(sig[0]) > 0 for sig in sigs} == {True}
     assert sum(1 for sig in sigs if sig[1]) == 3 * sum(1 for sig in sigs if not sig[1])
+
+
+def test_epochs_size_the_run_and_are_tracked(tiny_tokenizer, tmp_path):
+    from codefoundry.data.loader import PackedLoader
+    from codefoundry.data.prepare import prepare
+    from codefoundry.data.sources import stdlib_root
+    from codefoundry.checkpoint import load_train_state
+
+    data = tmp_path / "data"
+    prepare([stdlib_root() / "json"], tiny_tokenizer[0], data, val_fraction=0.0, show_progress=False)
+    rows = PackedLoader(data / "train", 16, 64).n_rows
+    run = _run(data, tmp_path / "out", steps=0, **{"train.epochs": 2, "train.batch_size": 16, "train.grad_accum": 2})
+    summary = pretrain(run, show_progress=False)
+    assert summary["finished"] and summary["total_steps"] == -(-2 * (rows // 16) // 2)
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert epochs[0] == 0 and epochs[-1] == 1 and epochs == sorted(epochs)
+    assert load_train_state(tmp_path / "out" / "checkpoint")["loader"]["epoch"] == 1

@@ -298,6 +298,8 @@ class Trainer:
                        "elapsed": self.elapsed_before + time.perf_counter() - self.t0, "seq_len": seq,
                        "skipped_steps": skipped - self.skipped_at_log})
         record.update(self.model.extra_metrics())
+        if (epoch := getattr(self.stage.source, "epoch", None)) is not None:  # sources that know their passes
+            record["epoch"] = epoch
         if self.peak:
             flops = self.model.flops_per_token(seq) * tokens_per_step / self.info.world_size
             record["mfu"] = flops * steps / seconds / self.peak

@@ -1,6 +1,7 @@
 """Pretraining: a fresh model, next-token loss, packed rows from prepared shards or a stream, on the one engine.
 
-:func:`pretrain` takes a resolved :class:`RunConfig` and trains: fixed ``max_steps``, or a
+:func:`pretrain` takes a resolved :class:`RunConfig` and trains: fixed ``max_steps``,
+``epochs`` passes over the train shard (sized from its rows once the world size is known), or a
 wall-clock budget (``minutes``) converted into a step count after a few calibration steps
 so the schedule and any resume stay exact. With ``data.stream=true`` the rows come straight
 from ``data.sources`` (:class:`~codefoundry.data.stream.StreamLoader`, its position saved in
@@ -13,12 +14,13 @@ batch, and only rank 0 logs. The loop itself is :mod:`codefoundry.train.engine`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from codefoundry.config import RunConfig, parse_curriculum
+from codefoundry.config import RunConfig, TrainConfig, parse_curriculum
 from codefoundry.data.loader import PackedLoader
 from codefoundry.data.shards import Shard
 from codefoundry.data.stream import StreamLoader
@@ -38,6 +40,11 @@ class ShardBatches:
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loader.next_batch(curriculum_seq_len(step, self.stages, self.loader.seq_len))
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the data (kept in the loader's state, so in every checkpoint); logged."""
+        return self.loader.epoch
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
@@ -68,12 +75,22 @@ def _check_data(data: Path, stream: bool) -> None:
         raise UserError(f"train.data={data} is not a prepared data directory; run `codefoundry data prepare` first")
 
 
+def epoch_steps(tc: TrainConfig, n_rows: int, world_size: int) -> int:
+    """Optimizer steps in ``train.epochs`` passes over ``n_rows`` packed rows: an epoch is the
+    global batches that fit (the loader starts the next epoch on a batch that would not), and a
+    step takes ``grad_accum`` of them."""
+    batches = n_rows // (tc.batch_size * world_size)
+    return max(1, math.ceil(tc.epochs * batches / tc.grad_accum))
+
+
 def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None = None,
              show_progress: bool = True) -> dict[str, Any]:
     """Train ``run`` from scratch (or resume it) and return a summary (also OUT/summary.json)."""
     tc = run.train
     data = Path(tc.data)
     stream = run.data.stream
+    if stream and tc.epochs and not tc.max_steps:
+        raise UserError("train.epochs needs prepared shards (a stream's length is unknown); set train.max_steps")
     _check_data(data, stream)
     vocab = CodeTokenizer.from_file(data / "tokenizer.json").vocab_size if stream else Shard(data / "train").meta["vocab_size"]
     mcfg = dataclasses.replace(run.model, vocab_size=vocab)  # rounded up to model.vocab_multiple
@@ -96,11 +113,17 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
         else:
             loader = PackedLoader(data / "train", tc.batch_size, tc.seq_len, tc.seed, rt.info.rank,
                                   rt.info.world_size, rt.device)
+        stage_run = run
+        if tc.epochs and not tc.max_steps:
+            steps = epoch_steps(tc, loader.n_rows, rt.info.world_size)
+            stage_run = dataclasses.replace(run, train=dataclasses.replace(tc, max_steps=steps))
+            if rt.info.is_main:
+                print(f"train.epochs={tc.epochs:g}: {steps} steps over {loader.n_rows} rows", flush=True)
 
         def validate(forward: Forward) -> float:
             return evaluate_loss(forward, val_dir, tc.batch_size, tc.seq_len, tc.eval_batches, rt.device)
 
-        return Stage("pretrain", run, model, NextTokenLoss(masked=False), ShardBatches(loader, stages), data / "tokenizer.json",
+        return Stage("pretrain", stage_run, model, NextTokenLoss(masked=False), ShardBatches(loader, stages), data / "tokenizer.json",
                      validate if has_val else None)
 
     return train(run, make_stage, resume, stop_after, show_progress)
