@@ -2,7 +2,10 @@ import json
 
 import pytest
 
-from codefoundry.checkpoint import load_model
+from codefoundry.checkpoint import load_model, load_train_state
+from codefoundry.data.loader import PackedLoader
+from codefoundry.data.prepare import prepare
+from codefoundry.data.sources import stdlib_root
 from codefoundry.errors import UserError
 from codefoundry.recipes import build_run_config
 from codefoundry.train.metrics import read_metrics
@@ -116,11 +119,6 @@ def test_curriculum_and_evaluation_never_recompile_a_graph(tiny_data, tmp_path, 
 
 
 def test_epochs_size_the_run_and_are_tracked(tiny_tokenizer, tmp_path):
-    from codefoundry.data.loader import PackedLoader
-    from codefoundry.data.prepare import prepare
-    from codefoundry.data.sources import stdlib_root
-    from codefoundry.checkpoint import load_train_state
-
     data = tmp_path / "data"
     prepare([stdlib_root() / "json"], tiny_tokenizer[0], data, val_fraction=0.0, show_progress=False)
     rows = PackedLoader(data / "train", 16, 64).n_rows
@@ -130,3 +128,15 @@ def test_epochs_size_the_run_and_are_tracked(tiny_tokenizer, tmp_path):
     epochs = [r["epoch"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert epochs[0] == 0 and epochs[-1] == 1 and epochs == sorted(epochs)
     assert load_train_state(tmp_path / "out" / "checkpoint")["loader"]["epoch"] == 1
+
+
+def test_validation_loss_per_domain(tiny_tokenizer, tmp_path):
+    data = tmp_path / "data"
+    sources = [stdlib_root() / "logging", stdlib_root() / "email"]
+    prepare(sources, tiny_tokenizer[0], data, val_fraction=0.3, val_by="source", show_progress=False)
+    domains = sorted(d.name for d in (data / "val_by_source").iterdir())
+    assert len(domains) == 2
+    pretrain(_run(data, tmp_path / "out", steps=2, **{"data.val_by": "source"}), show_progress=False)
+    val = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "val_loss" in r][-1]
+    per_domain = [val[f"val_loss/{d}"] for d in domains]
+    assert all(v > 0 for v in per_domain) and per_domain[0] != per_domain[1]

@@ -84,7 +84,8 @@ class Stage:
     objective: Objective
     source: BatchSource
     tokenizer_json: Path  # copied into every checkpoint
-    validate: Callable[[Forward], float] | None = None  # validation loss, given the eval forward
+    # validation loss, given the eval forward; or {"val_loss": ..., "val_loss/<domain>": ...}, all logged
+    validate: Callable[[Forward], float | dict[str, float]] | None = None
     finish: Callable[[], dict[str, Any]] | None = None  # after training (all ranks): extra summary entries
     partial: PartialWeights | None = None  # only part of the model trains (LoRA); None: all of it
 
@@ -245,8 +246,9 @@ class Trainer:
                 val = self.stage.validate(self.eval_forward)
         finally:
             self.model.train()
-        self.metrics.log({"step": self.step, "val_loss": val})
-        return val
+        losses = val if isinstance(val, dict) else {"val_loss": val}
+        self.metrics.log({"step": self.step, **losses})
+        return losses["val_loss"]
 
     def score_code(self) -> dict[str, float]:
         """pass@1 of the code benchmarks due at this step (``train.humaneval_every``...); logged."""

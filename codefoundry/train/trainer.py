@@ -67,6 +67,11 @@ def evaluate_loss(forward: Forward, shard_dir: Path, batch_size: int, seq_len: i
     return (total / n).item()
 
 
+def _usable(shard_dir: Path, tokens: int) -> bool:
+    """A validation shard holding more than ``tokens`` tokens."""
+    return (shard_dir / "metadata.json").is_file() and Shard(shard_dir).meta["tokens"] > tokens
+
+
 def _check_data(data: Path, stream: bool) -> None:
     if stream and not (data / "tokenizer.json").is_file():
         raise UserError(f"data.stream=true reads its tokenizer from train.data={data}/tokenizer.json, which is missing; "
@@ -101,11 +106,19 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
     note = f"model.vocab_size {run.model.vocab_size} -> {mcfg.vocab_size}: the data's tokenizer has {vocab} tokens"
     run = dataclasses.replace(run, model=mcfg)
     val_dir = data / "val"
-    has_val = (val_dir / "metadata.json").is_file() and Shard(val_dir).meta["tokens"] > tc.seq_len + 1
+    has_val = _usable(val_dir, tc.seq_len + 1)
+    # Per-domain held-out shards (`data prepare --val-by`): val_by_<language|source>/<domain>/, each
+    # logged as val_loss/<domain>; one too small for a batch is named and left out.
+    found = sorted(d for d in data.glob(f"val_by_{run.data.val_by or '*'}/*") if (d / "metadata.json").is_file())
+    domains = {f"val_loss/{d.name}": d for d in found if _usable(d, tc.batch_size * tc.seq_len + 1)}
+    small = [d.name for d in found if f"val_loss/{d.name}" not in domains]
 
     def make_stage(rt: Runtime) -> Stage:
         if resized and rt.info.is_main:
             print(note, flush=True)
+        if small and rt.info.is_main:
+            print(f"validation by domain: {len(small)} shard(s) too small for one batch, left out: "
+                  f"{', '.join(small)}", flush=True)
         model = Transformer(mcfg).to(rt.device)
         if stream:
             loader: PackedLoader | StreamLoader = StreamLoader.from_run(run, data / "tokenizer.json", rt.info.rank,
@@ -120,8 +133,10 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
             if rt.info.is_main:
                 print(f"train.epochs={tc.epochs:g}: {steps} steps over {loader.n_rows} rows", flush=True)
 
-        def validate(forward: Forward) -> float:
-            return evaluate_loss(forward, val_dir, tc.batch_size, tc.seq_len, tc.eval_batches, rt.device)
+        def validate(forward: Forward) -> dict[str, float]:
+            shards = {"val_loss": val_dir, **domains}
+            return {name: evaluate_loss(forward, d, tc.batch_size, tc.seq_len, tc.eval_batches, rt.device)
+                    for name, d in shards.items()}
 
         return Stage("pretrain", stage_run, model, NextTokenLoss(masked=False), ShardBatches(loader, stages), data / "tokenizer.json",
                      validate if has_val else None)
