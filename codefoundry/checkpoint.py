@@ -83,6 +83,17 @@ def unwrap(model: torch.nn.Module) -> Transformer:
         model = inner
 
 
+def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
+    """A Transformer holding ``weights`` as they are (no random init, no copy), tied head re-tied:
+    for writing gathered FSDP weights or a merged LoRA model."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(weights, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
 def read_model_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The model config of a checkpoint and the raw ``config.json`` (format, preset, ...)."""
     path = Path(path)

@@ -179,7 +179,7 @@ def merge_adapter_checkpoint(base: str | Path, adapter_dir: str | Path, out: str
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain Transformer whose weights are ``model``'s with each adapter folded in (W + alpha/r * B A),
     leaving ``model`` and its adapters untouched (training goes on after a checkpoint)."""
-    from codefoundry.model import Transformer
+    from codefoundry.checkpoint import model_from_weights
 
     deltas = {f"{name}.weight": layer.get_delta_weight(ADAPTER) for name, layer in lora_layers(model)}
     weights = {}
@@ -188,13 +188,7 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
             continue
         key = key.replace(".base_layer.", ".")
         weights[key] = tensor + deltas[key].to(tensor.dtype) if key in deltas else tensor
-    cfg = dataclasses.replace(model.cfg)
-    with torch.device("meta"):
-        plain = Transformer(cfg)
-    plain.load_state_dict(weights, assign=True)
-    if cfg.tie_embeddings:
-        plain.lm_head.weight = plain.embed.weight
-    return plain
+    return model_from_weights(dataclasses.replace(model.cfg), weights)
 
 
 class LoraWeights:

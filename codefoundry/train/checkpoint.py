@@ -26,15 +26,8 @@ from typing import Any
 
 import torch
 
-from codefoundry.checkpoint import (
-    load_train_state,
-    replace_dir,
-    unwrap,
-    write_checkpoint_files,
-)
-from codefoundry.config import ModelConfig
+from codefoundry.checkpoint import load_train_state, model_from_weights, replace_dir, unwrap, write_checkpoint_files
 from codefoundry.errors import UserError
-from codefoundry.model import Transformer
 from codefoundry.train import distributed as D
 from codefoundry.train.distributed import DistInfo
 
@@ -117,7 +110,7 @@ class CheckpointManager:
         if self.info.sharded:
             D.save_sharded(tmp / "dcp", model, optimizers or [])
         if self.info.is_main:
-            plain = _plain_model(unwrap(model).cfg, weights) if weights is not None else model
+            plain = model_from_weights(unwrap(model).cfg, weights) if weights is not None else model
             write_checkpoint_files(tmp, plain, tokenizer_json, preset, {**train_state, "sharded": self.info.sharded})
             measured = {"val_loss": val_loss, **(scores or {})}
             (tmp / "meta.json").write_text(json.dumps({"step": step, **measured}) + "\n")
@@ -198,13 +191,3 @@ def _point(link: Path, target: Path) -> None:
     if link.is_dir() and not link.is_symlink():
         shutil.rmtree(link)
     os.replace(tmp, link)
-
-
-def _plain_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
-    """A CPU Transformer holding gathered (unsharded) weights, for writing model.safetensors."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(weights, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model
