@@ -85,12 +85,11 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
              n_samples: int = 4, preset: str | None = None) -> dict[str, Any]:
     # Imported here, not at the top: `codefoundry --help` should not pay for torch and datatrove.
     silence_tqdm()
-    from codefoundry.checkpoint import load_model
     from codefoundry.data.prepare import prepare
     from codefoundry.eval.bpb import bits_per_byte, compressor_bpb, shard_texts
     from codefoundry.infer.generate import complete_batch
+    from codefoundry.infer.load import load_for_inference
     from codefoundry.recipes import build_run_config
-    from codefoundry.runtime import resolve_device
     from codefoundry.tokenizer.bpe import train_tokenizer
     from codefoundry.tokenizer.cli import corpus_texts
     from codefoundry.train.plot import plot_run
@@ -121,7 +120,7 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
 
     t = time.perf_counter()
     print("[4/5] eval: held-out bits per byte vs gzip / xz", flush=True)
-    model, tokenizer = load_model(summary["checkpoint"], resolve_device(run.train.device))
+    model, tokenizer = load_for_inference(summary["checkpoint"], run.train.device, dtype="fp32")
     ev = bits_per_byte(model, out / "data" / "val", run.train.seq_len, batch_size=16, show_progress=True,
                        stride=run.train.seq_len // 2)
     texts = shard_texts(out / "data" / "val", tokenizer)

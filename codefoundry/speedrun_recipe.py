@@ -200,11 +200,10 @@ def wait_for_marker(path: Path, started: float, poll_s: float = 5.0) -> dict[str
 
 def evaluate_checkpoint(opt: Options, checkpoint: str, label: str, device: str) -> dict[str, Any]:
     """HumanEval and MBPP pass@k of one checkpoint (samples and per-task results in OUT/eval/LABEL/)."""
-    from codefoundry.checkpoint import load_model
     from codefoundry.eval.codegen import Sampling, evaluate, model_generate
-    from codefoundry.runtime import resolve_device
+    from codefoundry.infer.load import load_for_inference
 
-    model, tok = load_model(checkpoint, resolve_device(device))
+    model, tok = load_for_inference(checkpoint, device, dtype="fp32")
     n = opt.eval_n
     sampling = Sampling(n=n, temperature=opt.eval_temperature if n > 1 else 0.0, top_p=0.95,
                         max_new_tokens=opt.eval_max_new_tokens, batch_size=32)
@@ -220,12 +219,11 @@ def evaluate_checkpoint(opt: Options, checkpoint: str, label: str, device: str) 
 
 def agent_demo(checkpoint: str, device: str, max_steps: int = 4) -> dict[str, Any]:
     """The SFT model as an agent on one small task in a scratch folder; success is checked, not assumed."""
-    from codefoundry.checkpoint import load_model
     from codefoundry.infer.agent import Agent, ModelPolicy
+    from codefoundry.infer.load import load_for_inference
     from codefoundry.infer.tools import Workspace
-    from codefoundry.runtime import resolve_device
 
-    model, tok = load_model(checkpoint, resolve_device(device))
+    model, tok = load_for_inference(checkpoint, device, dtype="fp32")
     with tempfile.TemporaryDirectory(prefix="cf-agent-") as root:
         result = Agent(ModelPolicy(model, tok), Workspace(root, confirm=lambda command: True), max_steps).run(AGENT_TASK)
         script = Path(root) / "hello.py"

@@ -3,6 +3,7 @@ built once per test process (tokenizer trained on a few standard-library files).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from pathlib import Path
@@ -44,3 +45,16 @@ def make_checkpoint(out: Path, seed: int = 0, **overrides) -> Path:
 @functools.cache
 def tiny_checkpoint() -> Path:
     return make_checkpoint(Path(tempfile.mkdtemp(prefix="cf-ckpt-")) / "checkpoint")
+
+
+@contextlib.contextmanager
+def tiny_server(limits, max_batch: int = 8):
+    """The tiny checkpoint served over HTTP on loopback: yields (url, engine, model, tokenizer)."""
+    from codefoundry.checkpoint import load_model
+    from codefoundry.infer.engine import Engine
+    from codefoundry.infer.server import BackgroundServer, make_app
+
+    model, tok = load_model(tiny_checkpoint())
+    with Engine(model, tok, max_batch=max_batch) as engine, \
+            BackgroundServer(make_app(engine, tok, "tiny", limits), limits=limits) as url:
+        yield url, engine, model, tok

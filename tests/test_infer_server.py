@@ -10,22 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from helpers_post import tiny_checkpoint
+from helpers_post import tiny_server
 
-from codefoundry.checkpoint import load_model
-from codefoundry.infer.engine import Engine
-from codefoundry.infer.server import BackgroundServer, ServerLimits, make_app
+from codefoundry.infer.server import ServerLimits
 
 LIMITS = ServerLimits(max_body_bytes=20_000, max_tokens=64, max_concurrent=40, read_timeout_s=2.0)
 
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load_model(tiny_checkpoint())
-    engine = Engine(model, tok, max_batch=8)
-    with BackgroundServer(make_app(engine, tok, "tiny", LIMITS), limits=LIMITS) as url:
+    with tiny_server(LIMITS) as (url, engine, _, _):
         yield url, engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

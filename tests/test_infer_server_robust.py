@@ -16,9 +16,8 @@ from typing import Any
 
 import openai
 import pytest
-from helpers_post import tiny_checkpoint
+from helpers_post import tiny_server
 
-from codefoundry.checkpoint import load_model
 from codefoundry.infer.engine import Engine, Request, SamplingParams
 from codefoundry.infer.server import BackgroundServer, ServerLimits, make_app
 from codefoundry.tokenizer import special as sp
@@ -28,11 +27,8 @@ LIMITS = ServerLimits(max_body_bytes=20_000, max_tokens=200, max_concurrent=40, 
 
 @pytest.fixture(scope="module")
 def served():
-    model, tok = load_model(tiny_checkpoint())
-    engine = Engine(model, tok, max_batch=8)
-    with BackgroundServer(make_app(engine, tok, "tiny", LIMITS), limits=LIMITS) as url:
-        yield url, engine, model, tok
-    engine.close()
+    with tiny_server(LIMITS) as served:
+        yield served
 
 
 def post(url: str, body, timeout: float = 60) -> tuple[int, dict, Any]:

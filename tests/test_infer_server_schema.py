@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_post import tiny_checkpoint
+from helpers_post import tiny_server
 
-from codefoundry.checkpoint import load_model
-from codefoundry.infer.engine import Engine
-from codefoundry.infer.server import BackgroundServer, ServerLimits, make_app
+from codefoundry.infer.server import ServerLimits
 
 CLI = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
 pytestmark = pytest.mark.skipif(not Path(CLI).exists(), reason="schemathesis is not installed (the dev extra has it)")
@@ -21,10 +19,7 @@ CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
-    model, tok = load_model(tiny_checkpoint())
-    limits = ServerLimits(max_tokens=16, default_max_tokens=16)
-    with Engine(model, tok, max_batch=8) as engine, \
-            BackgroundServer(make_app(engine, tok, "tiny", limits), limits=limits) as url:
+    with tiny_server(ServerLimits(max_tokens=16, default_max_tokens=16)) as (url, engine, _, _):
         run = subprocess.run([CLI, "run", url + "/openapi.json", "--checks", CHECKS, "--max-examples", "30",
                               "--generation-deterministic", "--no-color"],
                              capture_output=True, text=True, timeout=240, cwd=tmp_path)

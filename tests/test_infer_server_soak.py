@@ -9,21 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from helpers_post import tiny_checkpoint
+from helpers_post import tiny_server
 
-from codefoundry.checkpoint import load_model
-from codefoundry.infer.engine import Engine
-from codefoundry.infer.server import BackgroundServer, ServerLimits, make_app
+from codefoundry.infer.server import ServerLimits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from soak_serve import health, rss_mb, soak
 
 
 def test_soak_mixed_traffic_keeps_serving():
-    model, tok = load_model(tiny_checkpoint())
-    limits = ServerLimits(max_tokens=64, read_timeout_s=5.0)
-    with Engine(model, tok, max_batch=8) as engine, \
-            BackgroundServer(make_app(engine, tok, "tiny", limits), limits=limits) as url:
+    with tiny_server(ServerLimits(max_tokens=64, read_timeout_s=5.0)) as (url, engine, _, _):
         soak(url, 40, 8, seed=1)  # warm-up
         gc.collect()
         base = rss_mb()

@@ -94,9 +94,8 @@ def run_tools(args: argparse.Namespace) -> int:
 
 
 def run_test_pairs(args: argparse.Namespace) -> int:
-    from codefoundry.checkpoint import load_model
+    from codefoundry.infer.load import load_for_inference
     from codefoundry.post.builders import preference_pairs_from_tests
-    from codefoundry.runtime import resolve_device
 
     path = Path(args.problems)
     if not path.is_file():
@@ -111,7 +110,7 @@ def run_test_pairs(args: argparse.Namespace) -> int:
             if not isinstance(record, dict) or not {"prompt", "test"} <= set(record):
                 raise UserError(f"{path}:{n}: every line needs 'prompt' and 'test'")
             problems.append(record)
-    model, tok = load_model(args.checkpoint, resolve_device(args.device))
+    model, tok = load_for_inference(args.checkpoint, args.device, dtype="fp32")
     pairs = preference_pairs_from_tests(model, tok, problems, args.samples, args.max_new_tokens, args.temperature)
     n = write_jsonl(pairs, args.out)
     print(f"{n} preference pairs from {len(problems)} problems -> {args.out}")
