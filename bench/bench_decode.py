@@ -1,30 +1,45 @@
-"""Greedy CPU decoding: fp32 / int8 / int4 tokens per second and load time, side by side on one checkpoint.
+"""Greedy CPU decoding on one checkpoint, side by side: ours (fp32 / int8 / int4) and llama.cpp on
+the checkpoint's own GGUF export (F16 / Q8_0 / Q4_0 / Q4_1): tokens per second and load time.
 
-    python bench/bench_decode.py                          # a SmolLM-135M-shaped model with random weights
-    python bench/bench_decode.py --checkpoint runs/x/checkpoint --threads 2
+    python bench/bench_decode.py                              # a SmolLM-135M-shaped model, random weights
+    python bench/bench_decode.py --checkpoint runs/x/checkpoint --threads 1,2
 
 Without --checkpoint it saves a model of SmolLM-135M's shape (dim 576, 30 layers, 9 heads, 3 KV
 heads, FFN 1536, vocabulary 49152) with random weights: decoding costs the same whatever the
-weights hold. Each variant runs in a fresh process (as a user's command would), loads the
-checkpoint through ``load_for_inference`` (timed: read + quantize), decodes ``--warmup`` tokens,
-then times ``--tokens`` more after a 16-token prompt; prefill is not counted. Best of
-``--repeats`` timings, since the machine is shared.
+weights hold. The llama.cpp files come from ``codefoundry export --format gguf`` of the same
+checkpoint (its 4-bit types keep the embedding/output head at Q8_0, as our int4 keeps it int8).
+
+Every figure comes from a fresh process (as a user's command would run): it loads the weights
+(timed: read + quantize for ours, read + context for llama.cpp), then, after the same 16-token
+prompt, decodes ``--warmup`` tokens and times ``--tokens`` more, greedy, with the same thread
+count; prefill is not counted. Rounds interleave the variants (every variant once, then again),
+and each column shows the best of ``--rounds`` and the spread, so a burst of load from others
+hits every column alike and the best keeps the least disturbed run.
+
+The llama.cpp columns need llama-cpp-py-sync (the dev extra); where its prebuilt library does not
+load, see ``codefoundry/export/llamacpp.py`` (``LLAMA_CPP_LIB``). Without it they are left out, said why.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("none", "int8", "int4")
-LABELS = {"none": "fp32", "int8": "int8", "int4": "int4 g32"}
+OURS = {"fp32": "none", "int8": "int8", "int4": "int4"}  # variant -> --quantize scheme
+GGUF = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # llama.cpp variants are "gguf-<type>"
+DEFAULT_VARIANTS = "fp32,int8,int4,gguf-f16,gguf-q8_0,gguf-q4_0,gguf-q4_1"
+LABELS = {"fp32": "ours fp32", "int8": "ours int8", "int4": "ours int4 g32",
+          **{f"gguf-{t}": f"llama.cpp {t.upper()}" for t in GGUF}}
+PROMPT = list(range(100, 116))
 
 
 def build_checkpoint(out: Path) -> Path:
@@ -45,8 +60,26 @@ def build_checkpoint(out: Path) -> Path:
     return save_checkpoint(out / "checkpoint", Transformer(cfg), out / "tokenizer.json", preset="smollm-135m-shape")
 
 
-def measure(checkpoint: str, scheme: str, threads: int, warmup: int, tokens: int, repeats: int) -> dict:
-    """Load time and decode rate of one variant, in this process."""
+def decode_rate(steps: Iterator, warmup: int) -> float:
+    """Tokens per second of a greedy step iterator, after ``warmup`` + the first (prefill) step."""
+    for _ in range(warmup + 1):
+        next(steps)
+    start = time.perf_counter()
+    n = sum(1 for _ in steps)
+    return n / (time.perf_counter() - start)
+
+
+def measure(variant: str, weights: str, threads: int, warmup: int, tokens: int) -> dict:
+    """Load time, decode rate and weight bytes of one variant, in this process."""
+    new = warmup + tokens + 1
+    if variant.startswith("gguf-"):
+        from codefoundry.export.llamacpp import LlamaCpp
+
+        start = time.perf_counter()
+        llm = LlamaCpp(weights, threads, n_ctx=max(512, len(PROMPT) + new + 1))
+        load_s = time.perf_counter() - start
+        return {"load_s": load_s, "tok_s": decode_rate(llm.greedy(PROMPT, new), warmup),
+                "weights_mb": Path(weights).stat().st_size / 1e6}
     import torch
 
     from codefoundry.infer.generate import generate_tokens
@@ -55,46 +88,90 @@ def measure(checkpoint: str, scheme: str, threads: int, warmup: int, tokens: int
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model, _ = load_for_inference(checkpoint, "cpu", "fp32", scheme)
+    model, _ = load_for_inference(weights, "cpu", "fp32", OURS[variant])
     load_s = time.perf_counter() - start
-    prompt = list(range(100, 116))
-    rates = []
-    for _ in range(repeats):
-        steps = generate_tokens(model, [prompt], warmup + tokens + 1)
-        for _ in range(warmup + 1):
-            next(steps)
-        start = time.perf_counter()
-        n = sum(1 for _ in steps)
-        rates.append(n / (time.perf_counter() - start))
-    return {"load_s": load_s, "tok_s": max(rates), "weights_mb": weight_bytes(model) / 1e6}
+    return {"load_s": load_s, "tok_s": decode_rate(generate_tokens(model, [PROMPT], new), warmup),
+            "weights_mb": weight_bytes(model) / 1e6}
+
+
+def run_child(variant: str, weights: str, threads: int, args: argparse.Namespace) -> dict:
+    child = [sys.executable, __file__, "--one", variant, "--weights", weights, f"--threads={threads}",
+             f"--tokens={args.tokens}", f"--warmup={args.warmup}"]
+    done = subprocess.run(child, capture_output=True, text=True, check=False)
+    if done.returncode:  # e.g. llama.cpp's library does not load here: that column is left out, with the reason
+        return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def export_files(checkpoint: str, variants: list[str], out: Path) -> dict[str, str]:
+    """variant -> weights path: the checkpoint for ours, a GGUF export of it for llama.cpp."""
+    from codefoundry.export.gguf_export import export_gguf
+
+    paths = {}
+    for v in variants:
+        if v.startswith("gguf-"):
+            start = time.perf_counter()
+            paths[v] = str(export_gguf(checkpoint, out / f"{v}.gguf", v.removeprefix("gguf-")).path)
+            print(f"exported {LABELS[v]} in {time.perf_counter() - start:.1f} s", flush=True)
+        else:
+            paths[v] = checkpoint
+    return paths
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def bench(args: argparse.Namespace, checkpoint: str, tmp: Path) -> None:
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in LABELS]
+    if unknown:
+        sys.exit(f"--variants: unknown {unknown[0]}; use some of {', '.join(LABELS)}")
+    paths = export_files(checkpoint, variants, tmp)
+    for threads in [int(t) for t in str(args.threads).split(",")]:
+        print(f"\n{threads} thread(s), {args.tokens} greedy tokens after a {len(PROMPT)}-token prompt, best of "
+              f"{args.rounds} interleaved rounds; {load_average()}", flush=True)
+        results: dict[str, list[dict]] = {v: [] for v in variants}
+        errors: dict[str, str] = {}
+        for _ in range(args.rounds):
+            for v in variants:
+                if v not in errors:
+                    r = run_child(v, paths[v], threads, args)
+                    if "error" in r:
+                        errors[v] = r["error"]
+                    else:
+                        results[v].append(r)
+        base = max((r["tok_s"] for r in results[variants[0]]), default=None)
+        print(f"{'weights':<16} {'MB':>7} {'load s':>7} {'tok/s':>7} {'(range)':>13} {'vs ' + variants[0]:>9}")
+        for v in variants:
+            if v in errors:
+                print(f"{LABELS[v]:<16} left out: {errors[v]}")
+                continue
+            rates = [r["tok_s"] for r in results[v]]
+            ratio = f"{max(rates) / base:8.2f}x" if base else ""
+            print(f"{LABELS[v]:<16} {results[v][0]['weights_mb']:7.1f} {min(r['load_s'] for r in results[v]):7.2f} "
+                  f"{max(rates):7.1f} {f'({min(rates):.1f}-{max(rates):.1f})':>13} {ratio}", flush=True)
+        print(f"({load_average()} at the end)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="default: build the 135M-shaped random model")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="thread counts, comma-separated (e.g. 1,2)")
     p.add_argument("--tokens", type=int, default=64, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of none,int8,int4")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: measure one variant
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is the best")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated subset of {', '.join(LABELS)}")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: measure one variant once
+    p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(measure(args.checkpoint, args.one, args.threads, args.warmup, args.tokens, args.repeats)))
+        print(json.dumps(measure(args.one, args.weights, int(args.threads), args.warmup, args.tokens)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(build_checkpoint(Path(tmp)))
-        print(f"checkpoint {checkpoint}, {args.threads} threads, {args.tokens} greedy tokens after a 16-token prompt")
-        variants = args.variants.split(",")
-        print(f"{'weights':<10} {'MB':>7} {'load s':>7} {'decode tok/s':>13} {'vs ' + LABELS[variants[0]]:>8}")
-        base = None
-        for scheme in variants:
-            child = [sys.executable, __file__, "--one", scheme, "--checkpoint", checkpoint,
-                     *(f"--{k}={getattr(args, k)}" for k in ("threads", "tokens", "warmup", "repeats"))]
-            r = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
-            base = base or r["tok_s"]
-            print(f"{LABELS[scheme]:<10} {r['weights_mb']:7.1f} {r['load_s']:7.2f} {r['tok_s']:13.1f} "
-                  f"{r['tok_s'] / base:7.2f}x", flush=True)
+        print(f"checkpoint {checkpoint}")
+        bench(args, checkpoint, Path(tmp))
 
 
 if __name__ == "__main__":

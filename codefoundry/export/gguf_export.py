@@ -20,7 +20,10 @@ the HF export:
   our prompts carry none, and templates that want one print it.
 
 Tensors: 1-D ones (norms, biases) stay F32 as in llama.cpp's converter; matrices are
-F32/F16/BF16 or Q8_0 (rows whose length is not a multiple of 32 fall back to F16, counted).
+F32/F16/BF16, or Q8_0/Q4_0/Q4_1 packed by ``gguf.quants`` (rows whose length is not a multiple of
+the 32-wide block fall back to F16, counted). The 4-bit types keep the embedding (and the output
+head, tied to it or not) at Q8_0: it is the matrix most sensitive to rounding, which is why
+``llama-quantize`` keeps it at higher precision too and our own int4 inference gives it int8.
 """
 
 from __future__ import annotations
@@ -61,8 +64,11 @@ LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
     r"\s+(?!\S)|\s+"
 )
-DTYPES = ("f32", "f16", "bf16", "q8_0")
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")  # packed in blocks of 32 along a row by gguf.quants
+EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")  # kept at Q8_0 by the 4-bit types
 GGUF_ARCHES = ("llama", "qwen3", "qwen2", "arcee")  # of the HF export's families, those mapped here
 PER_DIM_SCALINGS = ("yarn", "llama3")  # written as a rope_freqs tensor of per-dimension divisors
 
@@ -220,22 +226,21 @@ def add_hparams(writer, model: Transformer) -> None:
     writer.add_rope_freq_base(theta)
 
 
-def encode_tensor(tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, object, bool]:
+def encode_tensor(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, object, bool]:
     """(data, raw GGML type or None, fell back to F16) for one tensor in the requested type."""
     import gguf
 
-    q = gguf.GGMLQuantizationType
     data = tensor.numpy()
     if data.ndim == 1 or dtype == "f32":
         return data.astype(np.float32), None, False
     if dtype == "f16":
         return data.astype(np.float16), None, False
-    if dtype == "bf16":
-        return gguf.quants.quantize(data, q.BF16), q.BF16, False
-    block = gguf.GGML_QUANT_SIZES[q.Q8_0][0]
-    if data.shape[-1] % block:
+    if dtype in BLOCK_TYPES and name in EMBEDDING_TENSORS:
+        dtype = "q8_0"
+    kind = gguf.GGMLQuantizationType[dtype.upper()]
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
         return data.astype(np.float16), None, True
-    return gguf.quants.quantize(data, q.Q8_0), q.Q8_0, False
+    return gguf.quants.quantize(data, kind), kind, False
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> GGUFSummary:
@@ -263,7 +268,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> 
     add_tokenizer(writer, tokenizer, cfg.vocab_size)
     fallbacks = 0
     for name, tensor in tensors.items():
-        data, raw_dtype, fell_back = encode_tensor(tensor, dtype)
+        data, raw_dtype, fell_back = encode_tensor(name, tensor, dtype)
         fallbacks += fell_back
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
