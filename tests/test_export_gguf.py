@@ -87,8 +87,8 @@ CASES = {
     "llama": {},
     "llama-yarn": {"rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 64},
     "qwen3-ntk": {"qk_norm": True, "rope_scaling": "ntk", "rope_factor": 2.0},
-    "arcee-linear-untied-bias": {"mlp": "relu2", "rope_scaling": "linear", "rope_factor": 2.0,
-                                 "tie_embeddings": False, "bias": True},
+    "arcee-linear-untied": {"mlp": "relu2", "rope_scaling": "linear", "rope_factor": 2.0, "tie_embeddings": False},
+    "llama-bias": {"bias": True},
     "llama-no-gains-mtp": {"norm_learnable": False, "mtp_heads": 1},
 }
 
@@ -167,6 +167,7 @@ def test_low_precision_tensors_dequantize_close_to_ours(tiny_tokenizer, tmp_path
 
 @pytest.mark.parametrize("overrides, words", [
     ({"mlp": "gelu"}, "ReLU² only"),
+    ({"mlp": "relu2", "bias": True}, "no output-projection or MLP biases"),  # found by running the file in llama.cpp
     ({"qk_norm": True, "rope_scaling": "yarn", "rope_factor": 2.0}, "yarn rope scaling"),
     ({"qk_norm": True, "rope_scaling": "llama3", "rope_factor": 2.0}, "llama3 rope scaling"),
     ({"n_experts": 4, "ffn_dim": 96}, "post-norm or MoE"),

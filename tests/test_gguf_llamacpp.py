@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from test_export_common import CODE, make_checkpoint
+from test_export_gguf import llamacpp_logits
 
 from codefoundry.export.gguf_export import export_gguf
 from codefoundry.export.llamacpp import LlamaCpp, LlamaCppUnavailable, open_library
@@ -39,9 +40,9 @@ def llamacpp_greedy(path, prompt: list[int]) -> tuple[list[int], np.ndarray]:
     return tokens, np.stack(logits[:-1])
 
 
-@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"tie_embeddings": False, "bias": True,
-                                                                "mlp": "relu2"}],
-                         ids=["llama", "qwen3", "arcee-untied-bias"])
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"qkv_bias": True}, {"bias": True, "tie_embeddings": False},
+                                       {"mlp": "relu2", "tie_embeddings": False}],
+                         ids=["llama", "qwen3", "qwen2", "llama-bias-untied", "arcee-untied"])
 def test_llamacpp_decodes_our_f32_export_as_we_do(tiny_tokenizer, tmp_path, overrides):
     tok, tok_path = tiny_tokenizer
     model = make_checkpoint(tmp_path / "ckpt", tok_path, init_std=0.2, **overrides)
@@ -53,23 +54,29 @@ def test_llamacpp_decodes_our_f32_export_as_we_do(tiny_tokenizer, tmp_path, over
         ours, our_logits = our_greedy(model, prompt)
     theirs, their_logits = llamacpp_greedy(tmp_path / "m.gguf", prompt)
     assert theirs == ours
+    # Ours agrees with a float64 forward to ~4e-7 of the logit scale; llama.cpp's F32 CPU path to ~4e-4 on
+    # one token (growing to ~4e-3 over 160 positions of this peaked model). A mapping mistake is ~1.
     scale = float(our_logits.abs().max())
     err = float((our_logits - torch.from_numpy(their_logits)).abs().max())
-    assert err <= 1e-3 * scale, f"max |logit diff| {err:.3g} at scale {scale:.3g}"
+    assert err <= 1e-2 * scale, f"max |logit diff| {err:.3g} at scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1"])
-def test_llamacpp_runs_our_quantized_exports_close_to_ours(tiny_tokenizer, tmp_path, dtype):
-    """Block-quantized files load and decode; their logits stay near the exact model's (4-bit: loosely)."""
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0", "q4_1"])
+def test_llamacpp_reads_our_low_precision_tensors_as_written(tiny_tokenizer, tmp_path, dtype):
+    """llama.cpp's logits match a forward pass over the file's own dequantized weights (gguf.quants); what
+    is left is llama.cpp rounding activations to 8 bits for block-quantized matmuls (~2% here)."""
     tok, tok_path = tiny_tokenizer
-    model = make_checkpoint(tmp_path / "ckpt", tok_path, init_std=0.2, dim=128, ffn_dim=256)
+    model = make_checkpoint(tmp_path / "ckpt", tok_path, dim=128, ffn_dim=256)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", dtype)
-    prompt = tok.encode(CODE[:300])
+    ids = tok.encode(CODE[:300])[:64]
     with torch.no_grad():
-        _, our_logits = our_greedy(model, prompt)
+        ours = model(torch.tensor([ids]))[0, -1]
+        from_file = llamacpp_logits(tmp_path / "m.gguf", torch.tensor([ids]))[-1]
     with LlamaCpp(tmp_path / "m.gguf", threads=1) as llm:
-        their_first = llm.eval(prompt)
-    ours = our_logits[0]
-    rel = float((ours - torch.from_numpy(their_first)).norm() / ours.norm())
-    assert rel < (0.05 if dtype == "q8_0" else 0.3), f"relative logit error {rel:.3f}"
-    assert rel > 1e-4  # the file really is quantized: an exact copy would agree to float rounding
+        theirs = torch.from_numpy(llm.eval(ids))
+    assert relative_error(theirs, from_file) < 0.05
+    assert relative_error(from_file, ours) > 1e-4  # the weights really are rounded: the check above is not trivial
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())

@@ -99,6 +99,9 @@ def gguf_arch(plan: ExportPlan, cfg: ModelConfig) -> str:
     if arch == "arcee" and cfg.mlp != "relu2":
         raise UserError(f"cannot export to GGUF: model.mlp={cfg.mlp} has no llama.cpp architecture "
                         "(its arcee graph is ReLU² only); use the hf format")
+    if arch == "arcee" and cfg.bias:
+        raise UserError("cannot export to GGUF: model.bias with a ReLU² MLP (arcee): llama.cpp's arcee graph has no "
+                        "output-projection or MLP biases and refuses the file; use the hf format")
     if rope_active(cfg) and cfg.rope_scaling in PER_DIM_SCALINGS and arch != "llama":
         raise UserError(f"cannot export to GGUF: {cfg.rope_scaling} rope scaling is only mapped for the llama "
                         f"architecture (this model is {arch}); use the hf format")
