@@ -27,12 +27,6 @@ def fit_prompt(ids: list[int], max_new_tokens: int, context: int) -> list[int]:
     return list(ids[-keep:])
 
 
-def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """``text`` cut before the first stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def cut_at_stop_id(ids: list[int], stop_ids: set[int]) -> list[int]:
     """``ids`` up to and including the first stop id."""
     for i, t in enumerate(ids):
@@ -47,41 +41,57 @@ class TextDeltas:
     Text that could be the start of a stop string, or a partial UTF-8 character, is held
     back until it is safe; once a stop string appears the text is cut before it and
     ``stopped`` becomes True.
+
+    Decoding is incremental, the way TGI and vLLM detokenize: each token decodes only a short
+    window (the last settled tokens as context, then the new ones) and appends what the window
+    adds, so a token costs the same at the 1,000th token as at the first, where decoding every
+    id again grew with the completion. The window settles once its text no longer ends in a
+    partial character; until then it grows. The text is always what decoding every id gives.
     """
 
     def __init__(self, tokenizer: CodeTokenizer, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.hold = max(self.longest_stop, 1) - 1
         self.ids: list[int] = []
         self.shown = 0
         self.stopped = False
-
-    @property
-    def text(self) -> str:
-        """All text so far, cut at the first stop string."""
-        return cut_at_stop(self.tokenizer.decode(self.ids), self.stop)[0]
+        self.text = ""  # all text so far, cut at the first stop string
+        self._settled = ""  # the text of ids[:_read], final
+        self._prefix = self._read = 0  # ids[_prefix:_read]: context decoded again with the new ids
+        self._prefix_len = 0  # len(decode(ids[_prefix:_read]))
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly safe text (maybe empty)."""
         self.ids.append(token_id)
-        text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
-        if self.stopped:
-            return self._show(len(text), text)
-        safe = len(text) - self.hold
-        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for the rest
-            safe = min(safe, len(text) - 1)
-        return self._show(safe, text)
+        if self.stopped:  # the text ended at a stop string, whatever follows
+            return ""
+        searched = max(0, len(self._settled) - self.longest_stop + 1)
+        window = self.tokenizer.decode(self.ids[self._prefix:])
+        self.text = full = self._settled + window[self._prefix_len:]
+        if not window.endswith("\ufffd"):  # a clean boundary: later tokens cannot change this text
+            self._settled = full
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_len = len(self.tokenizer.decode(self.ids[self._prefix:]))
+        if self.stop:  # a stop string found now ends in the unsettled text: earlier ones were found before
+            cut = min((i for i in (full.find(s, searched) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stopped, self.text = True, full[:cut]
+                return self._show(cut)
+        safe = len(full) - self.hold
+        if full.endswith("\ufffd"):  # incomplete multi-byte character: wait for the rest
+            safe = min(safe, len(full) - 1)
+        return self._show(safe)
 
     def flush(self) -> str:
         """The held-back remainder, at the end of generation."""
-        text = self.text
-        return self._show(len(text), text)
+        return self._show(len(self.text))
 
-    def _show(self, upto: int, text: str) -> str:
+    def _show(self, upto: int) -> str:
         if upto <= self.shown:
             return ""
-        delta, self.shown = text[self.shown:upto], upto
+        delta, self.shown = self.text[self.shown:upto], upto
         return delta
 
 
@@ -94,6 +104,10 @@ class DecodeBatch:
     its own first column and RoPE position, so a row decodes the same tokens whenever it
     joined and whoever it shares the batch with. When every row's position is its column
     (one static batch) no per-row positions are passed to the model at all.
+
+    The per-row key mask and positions are tensors built once when rows join, leave or are
+    packed, not every step: between those events the mask is unchanged and the model advances
+    the positions in place with the cache.
     """
 
     def __init__(self, model: Transformer, slots: int, length: int | None = None) -> None:
@@ -101,6 +115,9 @@ class DecodeBatch:
         self.cache = model.new_cache(slots, length or model.cfg.max_seq_len)
         self.starts: list[int] = []  # first column of each row
         self.positions: list[int] = []  # RoPE position of each row's next token
+        self._key_valid: torch.Tensor | None = None  # (n, columns) keys each row owns, if not all
+        self._row_pos: torch.Tensor | None = None  # (n,) positions, if not every row's column
+        self._fresh = False  # the two above match starts/positions
 
     @property
     def n(self) -> int:
@@ -130,6 +147,7 @@ class DecodeBatch:
         for i, p in enumerate(prompts):
             self.starts.append(self.cache.place(self.n, fresh, i, width - len(p)))
             self.positions.append(width)
+        self._fresh = False
         return logits
 
     @torch.no_grad()
@@ -141,15 +159,21 @@ class DecodeBatch:
         # pack every row to end at the longest row's length.
         if cache.pos >= cache.max_len or cache.pos - longest > PACK_SLACK:
             self.starts = cache.realign(self.starts, longest)
+            self._fresh = False
+        if not self._fresh:
+            device = cache.k.device
+            self._key_valid = self._row_pos = None
+            if any(self.starts):
+                columns = torch.arange(cache.max_len, device=device)
+                self._key_valid = columns[None, :] >= torch.tensor(self.starts, device=device)[:, None]
+            if any(p != cache.pos for p in self.positions):
+                self._row_pos = torch.tensor(self.positions, device=device)
+            self._fresh = True
         view = cache.rows(self.n)
-        device = cache.k.device
-        if any(self.starts):
-            columns = torch.arange(cache.max_len, device=device)
-            view.key_valid = columns[None, :] >= torch.tensor(self.starts, device=device)[:, None]
-        if any(p != cache.pos for p in self.positions):
-            view.row_pos = torch.tensor(self.positions, device=device)
+        view.key_valid, view.row_pos = self._key_valid, self._row_pos
         logits = self.model(tokens[:, None], cache=view)[:, -1]
         cache.pos = view.pos
+        self._row_pos = view.row_pos  # advanced with the cache (KVCache.advance)
         self.positions = [p + 1 for p in self.positions]
         return logits
 
@@ -165,4 +189,5 @@ class DecodeBatch:
             order.pop()
             self.starts.pop()
             self.positions.pop()
+        self._fresh = False
         return order

@@ -4,9 +4,16 @@
   is refused before it reaches a batch (a ``temperature`` of 1e-300 or a 70-bit ``seed`` once
   failed every request decoded beside it).
 * :func:`sample_next` — temperature / top-k / top-p (nucleus) sampling; temperature 0 is greedy.
-* :func:`sample_rows` — per-row settings in one batch: greedy rows by one argmax, unseeded rows
-  that share settings by one call, seeded rows each with their own generator (reproducible
-  whatever the batch); a row whose sampling fails fails alone.
+* :func:`sample_rows` — per-row settings in one batch: greedy rows by one argmax, every unseeded
+  sampling row by one vectorised call (:func:`sample_free_rows`, whatever mix of temperature /
+  top-k / top-p), seeded rows each with their own generator (reproducible whatever the batch);
+  a row whose sampling fails fails alone.
+
+Unseeded rows draw by inverse CDF (one uniform per row, ``searchsorted`` on the cumulative
+probabilities) rather than ``torch.multinomial``, whose one-sample path draws an exponential per
+vocabulary entry: on a CPU that was ~1 ms of a 32-row step over a 2k vocabulary, more than the
+model's forward pass, against ~0.1 ms here. Both draw exactly from the same distribution; seeded
+rows keep ``torch.multinomial`` so that a seed gives the tokens it always gave.
 """
 
 from __future__ import annotations
@@ -83,21 +90,47 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     """Next token per row of ``logits`` (B, V) under each row's settings, and the rows that failed."""
     out = logits.argmax(dim=-1)
     failed: dict[int, Exception] = {}
-    groups: dict[tuple[float, int, float], list[int]] = {}
-    for row, p in enumerate(params):
-        if not p.greedy and generators[row] is None:
-            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
-    for (temperature, top_k, top_p), rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        try:
-            out[index] = sample_next(logits[index], temperature, top_k, top_p)
-        except RuntimeError:  # find the culprit: sample the group's rows one by one
-            for row in rows:
-                _sample_one(logits, out, row, params[row], None, failed)
+    free = [row for row, p in enumerate(params) if not p.greedy and generators[row] is None]
+    if free:
+        index = torch.tensor(free, device=logits.device)
+        tokens, bad = sample_free_rows(logits[index], [params[row] for row in free])
+        out[index] = tokens
+        for i in bad:
+            failed[free[i]] = RuntimeError("the probabilities contain inf or NaN")
     for row, g in enumerate(generators):
         if g is not None:
             _sample_one(logits, out, row, params[row], g, failed)
     return out, failed
+
+
+def sample_free_rows(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, list[int]]:
+    """One draw per row of ``logits`` (B, V) from the global RNG, each row under its own temperature,
+    top-k and top-p (the filters of :func:`sample_next`, row by row); also the rows whose
+    probabilities are not finite (their token is meaningless)."""
+    device = logits.device
+    logits = logits.float() / torch.tensor([[p.temperature] for p in params], device=device)
+    ks = [p.top_k for p in params]
+    if any(ks):
+        k = torch.tensor(ks, device=device).clamp(max=logits.shape[-1])
+        top = torch.topk(logits, int(k.max()), dim=-1).values
+        kth = top.gather(-1, (k - 1).clamp(min=0)[:, None])
+        kth = kth.masked_fill(k[:, None] == 0, float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    nucleus = [row for row, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        rows = torch.tensor(nucleus, device=device)
+        top_p = torch.tensor([[params[row].top_p] for row in nucleus], device=device)
+        sorted_logits, order = torch.sort(logits[rows], descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
+        logits[rows] = torch.full_like(sorted_logits, float("-inf")).scatter(
+            -1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    cdf = logits.softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    draw = torch.rand(total.shape, device=device) * total
+    tokens = torch.searchsorted(cdf, draw, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+    bad = (~torch.isfinite(total[:, 0])).nonzero()[:, 0].tolist()
+    return tokens, bad
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,

@@ -88,16 +88,43 @@ class _Done:
         self.result, self.error = result, error
 
 
+class _Outbox:
+    """Carries what decoding threads hand over to the event loop. ``put`` appends under a lock and
+    schedules one delivery only when none is pending, so a decoding step that feeds 32 streams
+    wakes the loop once, not 32 times; whatever piles up while the loop is busy goes in one go."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[_Job, tuple[int, Any]]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def put(self, job: _Job, item: tuple[int, Any]) -> None:
+        with self.lock:
+            self.items.append((job, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for job, item in items:
+            job.receive(item)
+
+
 class _Job:
     """Runs each ``work(on_text, run)`` on a thread of its own and hands its events to the event
     loop: ``(index, text)`` as text becomes safe to show, then ``(index, _Done)``. ``run``
     decodes a request through the engine and waits for it. When the consumer stops (a streaming
-    client went away) or the client disconnects (checked while waiting), every engine request
-    the job made is cancelled, which frees its row at the next step."""
+    client went away) or the client disconnects (a watcher task waits for that), every engine
+    request the job made is cancelled, which frees its row at the next step."""
 
     def __init__(self, api: Api, works: list[Work]) -> None:
-        self.api, self.loop = api, asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.api, self.outbox = api, api.outbox()
+        self.items: list[tuple[int, Any]] = []
+        self.ready = asyncio.Event()
         self.requests: list[Request] = []
         self.closed = False
         self.lock = threading.Lock()
@@ -106,7 +133,12 @@ class _Job:
             threading.Thread(target=self._target, args=(i, work), daemon=True).start()
 
     def _put(self, item: tuple[int, Any]) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        self.outbox.put(self, item)
+
+    def receive(self, item: tuple[int, Any]) -> None:
+        """On the event loop: one event arrived."""
+        self.items.append(item)
+        self.ready.set()
 
     def _run(self, request: Request) -> None:
         with self.lock:
@@ -122,32 +154,56 @@ class _Job:
             self._put((index, _Done(error=exc)))
 
     async def events(self, http: HttpRequest) -> AsyncIterator[tuple[int, Any]]:
-        checked = time.monotonic()
+        """The events in order; text that piled up for one work while the consumer was busy comes
+        as one item (fewer, larger stream chunks when the server is behind, one per token when not).
+        Ends early when the client disconnects."""
+        watcher = asyncio.create_task(self._watch(http))
         try:
             while self.pending:
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), 0.25)
-                except asyncio.TimeoutError:
-                    item = None
-                if time.monotonic() - checked > 0.25:  # text may arrive steadily: look at the client anyway
-                    checked = time.monotonic()
-                    if await http.is_disconnected():
-                        return
-                if item is None:
-                    continue
-                if isinstance(item[1], _Done):
-                    self.pending -= 1
-                    if item[1].error is not None:
-                        raise item[1].error
-                yield item
+                await self.ready.wait()
+                self.ready.clear()
+                if self.closed:
+                    return
+                items, self.items = self.items, []
+                for index, item in _joined(items):
+                    if isinstance(item, _Done):
+                        self.pending -= 1
+                        if item.error is not None:
+                            raise item.error
+                    yield index, item
         finally:
+            watcher.cancel()
             self.close()
+
+    async def _watch(self, http: HttpRequest) -> None:
+        """Wait for the client to disconnect (the request body has been read), then close the job."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.close()
+        self.ready.set()
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
             for request in self.requests:
                 request.cancel()
+
+
+def _joined(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """``items`` with the text of each index joined into its first text item (per index, order kept)."""
+    out: list[tuple[int, Any]] = []
+    text_at: dict[int, int] = {}
+    for index, item in items:
+        if isinstance(item, str) and index in text_at:
+            at = text_at[index]
+            out[at] = (index, out[at][1] + item)
+            continue
+        if isinstance(item, str):
+            text_at[index] = len(out)
+        else:
+            text_at.pop(index, None)
+        out.append((index, item))
+    return out
 
 
 class Api:
@@ -157,6 +213,14 @@ class Api:
                  metrics: ServerMetrics) -> None:
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
         self.limits, self.metrics = limits, metrics
+        self._outbox: _Outbox | None = None
+
+    def outbox(self) -> _Outbox:
+        """The hand-over from decoding threads to the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
+        return self._outbox
 
     def params(self, body: m.Sampling, stop_ids: set[int], temperature: float = 1.0,
                max_tokens: int | None = None, logprobs: int | None = None) -> SamplingParams:
