@@ -87,6 +87,7 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
     silence_tqdm()
     from codefoundry.data.prepare import prepare
     from codefoundry.eval.bpb import bits_per_byte, compressor_bpb, shard_texts
+    from codefoundry.eval.during_training import code_scorer
     from codefoundry.infer.generate import complete_batch
     from codefoundry.infer.load import load_for_inference
     from codefoundry.recipes import build_run_config
@@ -115,7 +116,7 @@ def speedrun(out: Path, sources: list[Path], minutes: float, recipe: str | Path 
     print(f"[3/5] pretrain: {minutes:g} minute budget", flush=True)
     run = build_run_config(preset, recipe, [*overrides, f"train.data={out / 'data'}", f"train.out={out / 'run'}",
                                           f"train.minutes={minutes}"])
-    summary = pretrain(run)
+    summary = pretrain(run, scorer=code_scorer(run.train))  # train.humaneval_every=N may be among the overrides
     timings["pretrain"] = time.perf_counter() - t
 
     t = time.perf_counter()

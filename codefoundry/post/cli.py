@@ -5,23 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from codefoundry.errors import UserError
+from codefoundry.train.cli import add_run_flags, resume_arg
 
 
 def run_sft(args: argparse.Namespace) -> int:
+    from codefoundry.eval.during_training import code_scorer  # the command level may import every stage
     from codefoundry.post.finetune import finetune_config
     from codefoundry.post.sft import SFT_DEFAULTS, sft
     from codefoundry.post.sft_data import Source
     from codefoundry.train.distributed import shutdown
 
-    resume = _resume(args)
+    resume = resume_arg(args)
     run = finetune_config(args.checkpoint, SFT_DEFAULTS, args.overrides, args.out)
     try:
         summary = sft(args.checkpoint, [Source.parse(d) for d in args.data], run, resume, args.stop_after,
-                      lora=args.lora)
+                      lora=args.lora, scorer=code_scorer(run.train))
     finally:
         shutdown()
     print(json.dumps(summary, indent=2))
@@ -29,35 +32,26 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def run_dpo(args: argparse.Namespace) -> int:
+    from codefoundry.eval.during_training import code_scorer
     from codefoundry.post.dpo import DPO_DEFAULTS, dpo
     from codefoundry.post.finetune import finetune_config
     from codefoundry.post.sft_data import Source
     from codefoundry.train.distributed import shutdown
 
-    resume = _resume(args)
+    resume = resume_arg(args)
     run = finetune_config(args.checkpoint, DPO_DEFAULTS, args.overrides, args.out)
     try:
         summary = dpo(args.checkpoint, Source.parse(args.data), run, args.beta, args.reference, resume, args.stop_after,
-                      lora=args.lora)
+                      lora=args.lora, scorer=code_scorer(run.train))
     finally:
         shutdown()
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def _resume(args: argparse.Namespace) -> bool | str:
-    """The --resume value; `--resume train.x=1` (argparse took the override as the value) means auto."""
-    if args.resume and "=" in args.resume:
-        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
-    return args.resume or False
-
-
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    """Resume and early-stop flags, as `codefoundry pretrain` has them; multi-GPU through torchrun."""
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
-                   help="continue the run in --out from its newest valid checkpoint (fresh if none), "
-                        "or from the named checkpoint directory")
-    p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
+def _add_finetune_flags(p: argparse.ArgumentParser) -> None:
+    """What sft and dpo share: the training flags `codefoundry pretrain` has, and --lora."""
+    add_run_flags(p, "train.field=value overrides")
     p.add_argument("--lora", default=None, metavar="r=16,alpha=32,targets=q_proj,v_proj",
                    help="train LoRA adapters only (targets=all-linear: every projection); checkpoints stay "
                         "plain merged models, the adapter alone goes to OUT/adapter (give it again to --resume)")
@@ -125,8 +119,7 @@ def register(subparsers) -> None:
     s.add_argument("--data", action="append", required=True,
                    help="PATH.jsonl[@WEIGHT] or hf:NAME[:SPLIT][@WEIGHT] (repeatable; mixed by weight)")
     s.add_argument("--out", required=True, help="run directory (out/checkpoint, metrics.jsonl)")
-    s.add_argument("overrides", nargs="*", help="train.field=value overrides")
-    _add_run_flags(s)
+    _add_finetune_flags(s)
     s.set_defaults(func=run_sft)
 
     d = subparsers.add_parser("dpo", help="direct preference optimization on prompt/chosen/rejected pairs",
@@ -137,8 +130,7 @@ def register(subparsers) -> None:
     d.add_argument("--out", required=True, help="run directory")
     d.add_argument("--reference", default=None, help="frozen reference checkpoint (default: --checkpoint)")
     d.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
-    d.add_argument("overrides", nargs="*", help="train.field=value overrides")
-    _add_run_flags(d)
+    _add_finetune_flags(d)
     d.set_defaults(func=run_dpo)
 
     b = subparsers.add_parser("sft-data", help="build post-training data without downloads")

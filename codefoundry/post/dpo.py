@@ -31,6 +31,7 @@ from codefoundry.post.sft_data import Example, LoadReport, Source
 from codefoundry.tokenizer import CodeTokenizer
 from codefoundry.tokenizer.chat import ChatFormatError, render_chat
 from codefoundry.tokenizer.special import IGNORE_INDEX
+from codefoundry.train.code_eval import CodeScorer
 from codefoundry.train.distributed import DistInfo
 from codefoundry.train.engine import Runtime, Stage, train
 from codefoundry.train.objective import Forward
@@ -179,9 +180,10 @@ def evaluate_margins(policy: torch.nn.Module, ref: torch.nn.Module, pairs: list[
 
 def dpo(checkpoint: str | Path, source: Source, run: RunConfig, beta: float = 0.1,
         reference: str | Path | None = None, resume: bool | str = False, stop_after: int | None = None,
-        show_progress: bool = True, lora: str | None = None) -> dict[str, Any]:
+        show_progress: bool = True, lora: str | None = None, scorer: CodeScorer | None = None) -> dict[str, Any]:
     """Train ``checkpoint`` on preference pairs against a frozen ``reference`` (default: itself).
-    ``lora`` trains adapters on the policy only (the reference stays the frozen base) and adds OUT/adapter/."""
+    ``lora`` trains adapters on the policy only (the reference stays the frozen base) and adds OUT/adapter/.
+    ``scorer`` scores the code benchmarks ``train.humaneval_every`` / ``mbpp_every`` ask for."""
     if beta <= 0:
         raise UserError(f"--beta must be positive, got {beta}")
     tc = run.train
@@ -211,4 +213,4 @@ def dpo(checkpoint: str | Path, source: Source, run: RunConfig, beta: float = 0.
                      PairBatches(pairs, tc.batch_size, tc.seed, tok.eot_id, rt.info, rt.device),
                      Path(checkpoint) / "tokenizer.json", finish=finish, partial=partial)
 
-    return train(run, make_stage, resume, stop_after, show_progress)
+    return train(run, make_stage, resume, stop_after, show_progress, scorer)

@@ -29,6 +29,7 @@ from codefoundry.post.sft_data import (
     pack_rows,
     render_examples,
 )
+from codefoundry.train.code_eval import CodeScorer
 from codefoundry.train.distributed import DistInfo
 from codefoundry.train.engine import Runtime, Stage, train
 from codefoundry.train.objective import Forward, NextTokenLoss
@@ -93,9 +94,11 @@ class PackedConversations:
 
 
 def sft(checkpoint: str | Path, sources: list[Source], run: RunConfig, resume: bool | str = False,
-        stop_after: int | None = None, show_progress: bool = True, lora: str | None = None) -> dict[str, Any]:
+        stop_after: int | None = None, show_progress: bool = True, lora: str | None = None,
+        scorer: CodeScorer | None = None) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` on ``sources``; writes OUT/checkpoint(s), metrics.jsonl, summary.json.
-    ``lora`` (e.g. ``"r=16,alpha=32,targets=q_proj,v_proj"``) trains adapters only, and adds OUT/adapter/."""
+    ``lora`` (e.g. ``"r=16,alpha=32,targets=q_proj,v_proj"``) trains adapters only, and adds OUT/adapter/.
+    ``scorer`` scores the code benchmarks ``train.humaneval_every`` / ``mbpp_every`` ask for."""
     if not sources:
         raise UserError("give at least one --data source")
     tc = run.train
@@ -122,4 +125,4 @@ def sft(checkpoint: str | Path, sources: list[Source], run: RunConfig, resume: b
         return Stage("sft", run, model, DocumentMaskedLoss(model.cfg, tok.eot_id), source,
                      Path(checkpoint) / "tokenizer.json", finish=finish, partial=partial)
 
-    return train(run, make_stage, resume, stop_after, show_progress)
+    return train(run, make_stage, resume, stop_after, show_progress, scorer)

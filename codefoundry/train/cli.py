@@ -11,12 +11,28 @@ from codefoundry.errors import UserError
 from codefoundry.recipes import build_run_config
 
 
+def add_run_flags(p: argparse.ArgumentParser, overrides_help: str) -> None:
+    """The flags every training command (pretrain, sft, dpo) shares: --resume, --stop-after, overrides."""
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
+                   help="continue the run in --out: 'auto' (default) takes its newest valid checkpoint and "
+                        "starts fresh if there is none; or name a checkpoint directory")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+
+
+def resume_arg(args: argparse.Namespace) -> bool | str:
+    """The --resume value (False: fresh). `--resume train.x=1`: argparse took the override as the
+    value, so it goes back to the overrides and the resume is 'auto'."""
+    if args.resume and "=" in args.resume:
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
+    return args.resume or False
+
+
 def resolve_run(args: argparse.Namespace) -> RunConfig:
     """Preset/recipe/overrides; on --resume, the saved run config of the checkpoint it continues
     from with the same overrides on top (a fresh config when ``--resume auto`` finds none yet).
     ``--out`` and ``--data`` always win over what a saved config recorded."""
-    if args.resume and "=" in args.resume:  # `--resume train.x=1`: argparse took the override as the value
-        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
+    resume_arg(args)
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"train.data={args.data}")
@@ -45,12 +61,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
         print(f"smoke test passed: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
               f"{result['tok_per_s']:,.0f} tokens/s")
         return 0
+    from codefoundry.eval.during_training import code_scorer  # the command level may import every stage
     from codefoundry.train.distributed import shutdown
     from codefoundry.train.trainer import pretrain
 
     run = resolve_run(args)
     try:
-        summary = pretrain(run, resume=args.resume or False, stop_after=args.stop_after)
+        summary = pretrain(run, resume=resume_arg(args), stop_after=args.stop_after, scorer=code_scorer(run.train))
     finally:
         shutdown()
     print(json.dumps(summary, indent=2))
@@ -91,13 +108,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="YAML recipe (see configs/)")
     p.add_argument("--data", default=None, help="prepared data directory (train.data)")
     p.add_argument("--out", default=None, help="run directory (train.out)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
-                   help="continue the run in --out: 'auto' (default) takes its newest valid checkpoint and "
-                        "starts fresh if there is none; or name a checkpoint directory")
     p.add_argument("--smoke-test", action="store_true",
                    help="train a tiny model on synthetic data for a few seconds to check this machine")
-    p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    add_run_flags(p, "section.field=value overrides")
     p.set_defaults(func=run_pretrain)
 
     pl = subparsers.add_parser("plot", help="plot a run's metrics to PNG")

@@ -1,25 +1,33 @@
-"""Code benchmarks during training: greedy pass@1 on a few HumanEval / MBPP tasks, every N steps.
+"""Code benchmarks during training: which are due at a step, and the scorer the engine is given.
 
-``train.humaneval_every`` / ``train.mbpp_every`` ask for it; the engine calls :func:`code_scores`
-after a step and logs what it returns next to the loss. Generation uses the plain (unwrapped,
-uncompiled) model; every rank runs it, because an FSDP-sharded model needs all ranks in each
-forward, and the generated programs run only in the sandbox
-(:func:`codefoundry.eval.codegen.quick_humaneval`), so a program that loops, exhausts memory or
-writes files cannot harm the run. The eval layer is imported only when a score is due.
+``train.humaneval_every`` / ``train.mbpp_every`` ask for greedy pass@1 every N steps; the engine
+logs what the scorer returns next to the loss. Scoring needs the eval layer (sandbox, benchmark
+files), which ``train/`` must not import, so the engine only knows the :class:`CodeScorer`
+interface and the command level (``codefoundry pretrain`` / ``sft`` / ``dpo``, which may import
+every stage) builds one with :func:`codefoundry.eval.during_training.code_scorer` and passes it in.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
-import torch
 from torch import nn
 
 from codefoundry.config import TrainConfig
-from codefoundry.runtime import autocast
+from codefoundry.errors import UserError
 
 BENCHMARKS = ("humaneval", "mbpp")
+
+
+class CodeScorer(Protocol):
+    """Scores a model on code benchmarks: ``{"<bench>_pass@1": score}`` for each benchmark named.
+
+    The engine calls it on the plain (unwrapped, uncompiled) model, on every rank (an FSDP-sharded
+    model needs all ranks in each forward), under ``no_grad`` and the run's autocast.
+    """
+
+    def __call__(self, model: nn.Module, tokenizer_json: Path, benchmarks: list[str]) -> dict[str, float]: ...
 
 
 def due(tc: TrainConfig, step: int, total: int) -> list[str]:
@@ -27,17 +35,8 @@ def due(tc: TrainConfig, step: int, total: int) -> list[str]:
     return [b for b in BENCHMARKS if (every := getattr(tc, f"{b}_every")) and (step % every == 0 or step == total)]
 
 
-def code_scores(model: nn.Module, tokenizer_json: Path, tc: TrainConfig, benchmarks: list[str],
-                device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """``{"<bench>_pass@1": score}`` for each of ``benchmarks`` on the first ``train.eval_limit`` tasks."""
-    from codefoundry.eval.codegen import quick_humaneval
-    from codefoundry.tokenizer import CodeTokenizer
-
-    tokenizer = CodeTokenizer.from_file(tokenizer_json)
-    scores: dict[str, Any] = {}
-    for bench in benchmarks:
-        with torch.no_grad(), autocast(device, dtype):
-            result = quick_humaneval(model, tokenizer, tc.eval_limit, tc.eval_max_new_tokens, tc.eval_data or None,
-                                     benchmark=bench)
-        scores[f"{bench}_pass@1"] = result[f"{bench}/pass@1"]
-    return scores
+def check_scorer(tc: TrainConfig, scorer: CodeScorer | None) -> None:
+    """Fail before training, not at the first due step, when benchmarks are on but nothing can score them."""
+    if scorer is None and any(getattr(tc, f"{b}_every") for b in BENCHMARKS):
+        raise UserError("train.humaneval_every / train.mbpp_every need a code scorer: run `codefoundry pretrain` "
+                        "(or sft/dpo), or pass scorer=codefoundry.eval.during_training.code_scorer(run.train)")

@@ -41,7 +41,7 @@ from codefoundry.progress import Progress
 from codefoundry.runtime import autocast, resolve_device, resolve_dtype, set_threads
 from codefoundry.train import distributed as D
 from codefoundry.train.checkpoint import CheckpointManager
-from codefoundry.train.code_eval import code_scores, due
+from codefoundry.train.code_eval import CodeScorer, check_scorer, due
 from codefoundry.train.distributed import DistInfo
 from codefoundry.train.guard import StepGuard
 from codefoundry.train.metrics import MetricsLog, read_metrics
@@ -112,19 +112,22 @@ def start(tc: TrainConfig) -> Runtime:
 
 
 def train(run: RunConfig, make_stage: Callable[[Runtime], Stage], resume: bool | str = False,
-          stop_after: int | None = None, show_progress: bool = True) -> dict[str, Any]:
+          stop_after: int | None = None, show_progress: bool = True,
+          scorer: CodeScorer | None = None) -> dict[str, Any]:
     """Train a stage and return its summary; every file is written under ``run.train.out``.
 
     ``resume``: False (fresh), True or "auto" (the newest valid checkpoint in ``train.out``,
     fresh if there is none) or a checkpoint directory. ``stop_after`` ends early (as if
-    interrupted) after that step.
+    interrupted) after that step. ``scorer`` scores the code benchmarks ``train.humaneval_every`` /
+    ``mbpp_every`` ask for (built by the command level from the eval layer).
     """
+    check_scorer(run.train, scorer)
     rt = start(run.train)
     out = Path(run.train.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpts = CheckpointManager(out, run.train.keep_last, run.train.keep_best, rt.info, run.train.keep_best_metric)
     found = ckpts.find_resume(resume)
-    trainer = Trainer(make_stage(rt), rt, ckpts, found, show_progress)
+    trainer = Trainer(make_stage(rt), rt, ckpts, found, show_progress, scorer)
     return trainer.fit(stop_after)
 
 
@@ -137,8 +140,9 @@ def _eval_forward(model: nn.Module) -> Forward:
 
 class Trainer:
     def __init__(self, stage: Stage, rt: Runtime, ckpts: CheckpointManager,
-                 found: tuple[Path, dict[str, Any]] | None, show_progress: bool = True) -> None:
-        self.stage, self.ckpts = stage, ckpts
+                 found: tuple[Path, dict[str, Any]] | None, show_progress: bool = True,
+                 scorer: CodeScorer | None = None) -> None:
+        self.stage, self.ckpts, self.scorer = stage, ckpts, scorer
         self.tc = tc = stage.run.train
         self.info, self.device, self.dtype = rt.info, rt.device, rt.dtype
         self.out = Path(tc.out)
@@ -255,7 +259,8 @@ class Trainer:
         benchmarks = due(self.tc, self.step, self.total)
         if not benchmarks:
             return {}
-        scores = code_scores(self.model, self.stage.tokenizer_json, self.tc, benchmarks, self.device, self.dtype)
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            scores = self.scorer(self.model, self.stage.tokenizer_json, benchmarks)
         self.metrics.log({"step": self.step, **scores})
         return scores
 

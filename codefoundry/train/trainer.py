@@ -27,6 +27,7 @@ from codefoundry.data.stream import StreamLoader
 from codefoundry.errors import UserError
 from codefoundry.model import Transformer
 from codefoundry.tokenizer import CodeTokenizer
+from codefoundry.train.code_eval import CodeScorer
 from codefoundry.train.engine import Runtime, Stage, train
 from codefoundry.train.objective import Forward, NextTokenLoss
 from codefoundry.train.schedule import curriculum_seq_len
@@ -89,8 +90,9 @@ def epoch_steps(tc: TrainConfig, n_rows: int, world_size: int) -> int:
 
 
 def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None = None,
-             show_progress: bool = True) -> dict[str, Any]:
-    """Train ``run`` from scratch (or resume it) and return a summary (also OUT/summary.json)."""
+             show_progress: bool = True, scorer: CodeScorer | None = None) -> dict[str, Any]:
+    """Train ``run`` from scratch (or resume it) and return a summary (also OUT/summary.json).
+    ``scorer`` scores the code benchmarks ``train.humaneval_every`` / ``mbpp_every`` ask for."""
     tc = run.train
     data = Path(tc.data)
     stream = run.data.stream
@@ -141,4 +143,4 @@ def pretrain(run: RunConfig, resume: bool | str = False, stop_after: int | None 
         return Stage("pretrain", stage_run, model, NextTokenLoss(masked=False), ShardBatches(loader, stages), data / "tokenizer.json",
                      validate if has_val else None)
 
-    return train(run, make_stage, resume, stop_after, show_progress)
+    return train(run, make_stage, resume, stop_after, show_progress, scorer)
