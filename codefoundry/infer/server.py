@@ -277,8 +277,6 @@ class Api:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) * body.n > self.limits.max_prompts:
             raise ApiError(400, f"at most {self.limits.max_prompts} completions (prompts x n) per request", param="n")
-        if body.stream and body.logprobs is not None:
-            raise ApiError(400, "logprobs are returned only without streaming", param="logprobs")
         params = self.params(body, {self.tok.eot_id}, logprobs=body.logprobs)
         requests = []
         for text in prompts:
@@ -291,40 +289,53 @@ class Api:
         meta = {**self.meta("cmpl"), "object": "text_completion"}
         echo = [prompts[i // body.n] if body.echo else "" for i in range(len(requests))]
         if body.stream:
+            sent = [0] * len(requests)  # tokens whose log-probabilities each choice has streamed
+            offsets = [len(text) for text in echo]
+
+            def logprobs(i: int) -> dict[str, Any] | None:
+                """The log-probabilities of the tokens recorded since choice i's last chunk."""
+                if body.logprobs is None:
+                    return None
+                out, offsets[i] = self._completion_logprobs(requests[i], sent[i], offsets[i])
+                sent[i] += len(out["tokens"])
+                return out
+
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 for i, text in enumerate(echo):
                     if text:
                         yield {**meta, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
                 async for i, item in job.events(http):
                     if isinstance(item, str):
-                        choice = {"index": i, "text": item, "logprobs": None, "finish_reason": None}
+                        choice = {"index": i, "text": item, "logprobs": logprobs(i), "finish_reason": None}
                     else:
-                        choice = {"index": i, "text": "", "logprobs": None, "finish_reason": _reason(item.result)}
+                        choice = {"index": i, "text": "", "logprobs": logprobs(i), "finish_reason": _reason(item.result)}
                     yield {**meta, "choices": [choice]}
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**meta, "choices": [], "usage": _usage(requests)}
             return _sse(chunks())
         await _drain(job, http)
         choices = [{"index": i, "text": echo[i] + r.text, "finish_reason": _reason(r),
-                    "logprobs": None if body.logprobs is None else self._completion_logprobs(r, len(echo[i]))}
+                    "logprobs": None if body.logprobs is None else self._completion_logprobs(r, 0, len(echo[i]))[0]}
                    for i, r in enumerate(requests)]
         return JSONResponse({**meta, "choices": choices, "usage": _usage(requests)})
 
-    def _completion_logprobs(self, request: Request, offset: int) -> dict[str, Any]:
-        tokens = [self.tok.decode([t]) for t in request.completion_ids[:len(request.logprobs)]]
+    def _completion_logprobs(self, request: Request, start: int, offset: int) -> tuple[dict[str, Any], int]:
+        """OpenAI's completion ``logprobs`` of the tokens recorded from ``start`` on, the first at
+        character ``offset`` of the choice's text; and the offset after them. Safe while the
+        decoding thread appends (a token's id is recorded before its log-probability)."""
+        entries = request.logprobs[start:]
+        tokens = [self.tok.decode([t]) for t in request.completion_ids[start:start + len(entries)]]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        top = [{self.tok.decode([a]): lp for a, lp in alts} for _, alts in request.logprobs]
-        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in request.logprobs],
-                "top_logprobs": top if request.params.logprobs else None, "text_offset": offsets}
+        top = [{self.tok.decode([a]): lp for a, lp in alts} for _, alts in entries]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": top if request.params.logprobs else None, "text_offset": offsets}, offset
 
     # --- /v1/chat/completions ----------------------------------------------------------------
 
     async def chat(self, body: m.ChatRequest, http: HttpRequest) -> Response:
-        if body.stream and body.logprobs:
-            raise ApiError(400, "logprobs are returned only without streaming", param="logprobs")
         if body.n > self.limits.max_prompts:
             raise ApiError(400, f"at most {self.limits.max_prompts} choices per request", param="n")
         messages = [msg.model_dump(exclude_none=True) for msg in body.messages]
@@ -357,14 +368,20 @@ class Api:
         meta = {**self.meta("chatcmpl"), "object": "chat.completion"}
         if body.stream:
             chunk_meta = {**meta, "object": "chat.completion.chunk"}
+            sent = [0] * body.n  # tokens whose log-probabilities each choice has streamed
 
-            def chunk(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-                return {**chunk_meta, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                                   "finish_reason": finish}]}
+            def chunk(i: int, delta: dict[str, Any], finish: str | None = None, logprobs: bool = True) -> dict[str, Any]:
+                """One choice's chunk, with the log-probabilities of the tokens recorded since its last one."""
+                content = None
+                if logprobs and body.logprobs and calls[i]:  # calls[i][0] is the request that streams text
+                    content = self._chat_logprobs(calls[i][0], sent[i])
+                    sent[i] += len(content)
+                return {**chunk_meta, "choices": [{"index": i, "delta": delta, "finish_reason": finish,
+                                                   "logprobs": None if content is None else {"content": content}}]}
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 for i in range(body.n):
-                    yield chunk(i, {"role": "assistant", "content": ""})
+                    yield chunk(i, {"role": "assistant", "content": ""}, logprobs=False)
                 replies: list[Reply] = []
                 async for i, item in job.events(http):
                     if isinstance(item, str):
@@ -388,13 +405,15 @@ class Api:
             out.append({"index": i, "message": _message(reply), "logprobs": logprobs, "finish_reason": _reason(reply)})
         return JSONResponse({**meta, "choices": out, "usage": _chat_usage(replies)})
 
-    def _chat_logprobs(self, request: Request) -> list[dict[str, Any]]:
+    def _chat_logprobs(self, request: Request, start: int = 0) -> list[dict[str, Any]]:
+        """OpenAI's chat ``logprobs.content`` of the tokens recorded from ``start`` on."""
         def entry(token: int, logprob: float) -> dict[str, Any]:
             text = self.tok.decode([token])
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
+        entries = request.logprobs[start:]
         return [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
-                for t, (lp, alts) in zip(request.completion_ids, request.logprobs)]
+                for t, (lp, alts) in zip(request.completion_ids[start:start + len(entries)], entries)]
 
     # --- /infill -------------------------------------------------------------------------------
 
