@@ -1,6 +1,19 @@
-"""Shared fixtures: a small real-code corpus, a tiny tokenizer, prepared shards, a tiny checkpoint."""
+"""Shared fixtures: a small real-code corpus, a tiny tokenizer, prepared shards, a tiny checkpoint.
+
+Also the suite's CPU settings: two torch threads at most, and OpenMP threads that sleep when idle.
+libgomp's default makes an idle OpenMP worker spin for a while before it sleeps; on a 2-core machine
+shared with other processes a spinning worker takes the core the working thread needs, and a model
+test then spends most of its CPU time in libgomp's spin loop (``perf``: ~72% of samples). Tests of
+many small ops suffer most: the speculative-decoding test took 0.8-14 s spinning and 0.15-0.2 s
+passive, the strided-bpb test 15-57 s and 2.3-6 s. libgomp reads the policy once, when torch loads
+it, so it is set here before torch is imported (subprocesses, e.g. DDP ranks, inherit it).
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp (see above)
 
 from pathlib import Path
 
@@ -14,7 +27,17 @@ from codefoundry.tokenizer import CodeTokenizer, train_tokenizer
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_SOURCES = [stdlib_root() / "json", stdlib_root() / "logging", stdlib_root() / "email", stdlib_root() / "asyncio"]
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+THREADS = min(2, torch.get_num_threads())
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with the suite's thread count: a training run sets its own
+    (``train.threads``, the machine's core count by default) and would otherwise keep it for the
+    tests after it."""
+    torch.set_num_threads(THREADS)
+    yield
 
 
 @pytest.fixture(scope="session")

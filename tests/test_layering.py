@@ -93,7 +93,8 @@ def test_the_package_keeps_its_layers():
 
 
 @pytest.mark.parametrize(("file", "source", "expected"), [
-    ("train/step.py", "def f():\n    from codefoundry.eval.codegen import quick_humaneval\n", "train/ must not import eval/"),
+    ("train/step.py", "def f():\n    from codefoundry.eval.codegen import quick_humaneval\n",
+     "train/ must not import eval/"),
     ("infer/run.py", "import codefoundry.export.hf as hf\n", "infer/ must not import export/"),
     ("model/x.py", "import importlib\nm = importlib.import_module('codefoundry.train.engine')\n",
      "model/ must not import train/"),

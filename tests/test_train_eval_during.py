@@ -73,7 +73,8 @@ def test_sft_scores_through_the_command(shared_data, tmp_path, monkeypatch):
     assert main(["sft", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "train.max_steps=4",
                  "train.batch_size=2", "train.seq_len=64", "train.device=cpu", *SCORING,
                  f"train.eval_data={shared_data}"]) == 0
-    scored = [(r["step"], r["humaneval_pass@1"]) for r in read_metrics(out / "metrics.jsonl") if "humaneval_pass@1" in r]
+    scored = [(r["step"], r["humaneval_pass@1"]) for r in read_metrics(out / "metrics.jsonl")
+              if "humaneval_pass@1" in r]
     assert scored == [(2, pytest.approx(1 / 3)), (4, pytest.approx(1 / 3))]
     assert json.loads((out / "summary.json").read_text())["humaneval_pass@1"] == pytest.approx(1 / 3)
 
