@@ -9,9 +9,11 @@ the Slurm options are sbatch's ``--partition``, ``--time``, ``--cpus-per-task`` 
 (datatrove's ``completions/``), so whichever engine ran a killed run, running it again redoes
 only the unfinished tasks.
 
-Local workers die with the command: a worker asks the kernel for SIGKILL when its parent exits
-(``PR_SET_PDEATHSIG``), so ``kill -9`` of ``data prepare`` leaves no worker finishing its task
-behind the user's back.
+Local stages share one :class:`StagePool`: worker processes forked from the command once, with
+every module the tasks need already imported, instead of datatrove's per-stage pool, forkserver
+and manager (whose start-up was most of what a second worker lost). The workers die with the
+command: each asks the kernel for SIGKILL when its parent exits (``PR_SET_PDEATHSIG``), so
+``kill -9`` of ``data prepare`` leaves no worker finishing its task behind the user's back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import ctypes
 import os
 import signal
 import sys
+import time
+from copy import deepcopy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import multiprocess
@@ -28,6 +33,7 @@ from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.stats import PipelineStats
 from loguru import logger
 
 from codefoundry.errors import UserError
@@ -49,8 +55,7 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    # Forks of this process while stages run (datatrove's forkserver and its Manager) die with it;
-    # the forkserver's own children, the pool workers, call `die_with_parent` when a task starts.
+    # Forks of this process while stages run (the stage pool's workers) die with it.
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
@@ -76,17 +81,69 @@ class ExecutorOptions:
 
 class QuietLocalExecutor(LocalPipelineExecutor):
     """datatrove's local executor with datatrove's own logging off in every task, in this process
-    or a worker (its per-task banners drowned the one line per stage); workers die with the command."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.launcher_pid = os.getpid()
+    or a worker (its per-task banners drowned the one line per stage). Run it with
+    :meth:`StagePool.run`; datatrove's own ``run`` would start a pool of its own."""
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
-        if os.getpid() != self.launcher_pid:
-            die_with_parent()
         logger.disable("datatrove")
         return super()._run_for_rank(rank, local_rank, node_rank)
+
+
+def _timed_task(executor: QuietLocalExecutor, rank: int) -> tuple[PipelineStats, float]:
+    """One task, and the CPU seconds it took in the process that ran it."""
+    cpu = time.process_time()
+    return executor._run_for_rank(rank), time.process_time() - cpu
+
+
+class StagePool:
+    """Worker processes forked once from this process for every local stage of a run.
+
+    A stage's unfinished tasks go to the workers in rank order, one at a time, so a worker that
+    finishes early takes the next one. A stage with one task to run, or a pool of one worker, runs
+    its tasks here in turn, as datatrove's executor does. Workers are forked while
+    ``tied_to_this_process`` holds, so they die with this process.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: Any = None
+        self._tied = tied_to_this_process()
+
+    def __enter__(self) -> "StagePool":
+        self._tied.__enter__()
+        if self.workers > 1:
+            self._pool = multiprocess.get_context("fork").Pool(self.workers)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if self._pool is not None:
+                if exc_type is None:
+                    self._pool.close()
+                else:
+                    self._pool.terminate()
+                self._pool.join()
+        finally:
+            self._tied.__exit__(exc_type, *exc)
+
+    def run(self, executor: QuietLocalExecutor) -> float:
+        """Run the stage's unfinished tasks and save datatrove's stats; returns the CPU seconds its
+        tasks took in the workers (0 when they ran here)."""
+        ranks = executor.get_incomplete_ranks()
+        if not ranks:
+            return 0.0
+        executor.save_executor_as_json()
+        if self._pool is None or len(ranks) == 1:
+            pipeline, results = executor.pipeline, []
+            for rank in ranks:  # steps keep per-task state: each task gets a fresh copy, as datatrove does
+                executor.pipeline = deepcopy(pipeline)
+                results.append((executor._run_for_rank(rank), 0.0))
+            executor.pipeline = pipeline
+        else:
+            results = list(self._pool.imap_unordered(partial(_timed_task, executor), ranks))
+        with executor.logging_dir.open("stats.json", "wt") as f:
+            sum((stats for stats, _ in results), start=PipelineStats()).save_to_disk(f)
+        return sum(cpu for _, cpu in results)
 
 
 class QuietRayExecutor(RayPipelineExecutor):
@@ -110,10 +167,7 @@ def start_ray(address: str | None) -> None:
 def make_executor(pipeline: list[PipelineStep], tasks: int, workers: int, logging_dir: str, job: str,
                   opts: ExecutorOptions, depends: PipelineExecutor | None = None) -> PipelineExecutor:
     """One stage's executor. ``depends`` chains Slurm jobs; local and Ray stages run in order anyway."""
-    if opts.kind == "local":
-        # Workers fork from datatrove's forkserver: with the pipeline's modules imported there once,
-        # a worker starts without importing numpy, datatrove and the tokenizer again (~0.3 CPU s each).
-        multiprocess.get_context("forkserver").set_forkserver_preload(["codefoundry.data.pipeline"])
+    if opts.kind == "local":  # run by a StagePool
         return QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir)
     if opts.kind == "ray":
         return QuietRayExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir)

@@ -41,7 +41,7 @@ from loguru import logger
 
 from codefoundry.data.decontam import Decontaminator, DecontaminationFilter, find_benchmark_files
 from codefoundry.data.dedup import BandedMinhashBuckets, CodeMinhashSignature, exact_config, minhash_config
-from codefoundry.data.executors import ExecutorOptions, make_executor, start_ray, tied_to_this_process
+from codefoundry.data.executors import ExecutorOptions, StagePool, make_executor, start_ray
 from codefoundry.data.filters import CodeFilter, FilterChain, LanguageFilter, heuristic_filters
 from codefoundry.data.ledger import DropLedger, merge_ledgers
 from codefoundry.data.packing import TokenizeToParts, domains_of, finished_parts, merge_parts
@@ -223,38 +223,44 @@ def read_json(folder: DataFolder, name: str) -> Any:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children. Exact with ``workers=1`` (tasks run in
-    process); with more workers datatrove's pool lives under a forkserver, so read wall time then."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    """CPU seconds of this process so far (tasks run by pool workers are timed in the worker)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
 
 
 def run_stages(stages: list[Stage], work: DataFolder, workers: int, show_progress: bool,
-               execution: ExecutorOptions) -> dict[str, dict[str, float]]:
+               execution: ExecutorOptions) -> tuple[dict[str, dict[str, float]], float]:
     """Runs each stage to completion in order (local or Ray); returns wall and CPU seconds per stage
-    and how many of its tasks ran (a resumed run skips the finished ones)."""
-    timings = {}
+    (this process and its local workers) and how many of its tasks ran (a resumed run skips the
+    finished ones), and the CPU seconds all stages took in the workers."""
+    timings, workers_cpu = {}, 0.0
     if execution.kind == "ray":
         start_ray(execution.ray_address)
-    for i, stage in enumerate(stages, 1):
-        cpu = cpu_seconds()
-        progress = Progress(f"data {i}/{len(stages)} {stage.name}", enabled=show_progress, unit="tasks",
-                            total=stage.tasks, interval=math.inf)  # one line per stage, when it ends
-        logger.disable("datatrove")  # its banners (and the Ray executor's shared-folder warning) drown our lines
-        try:
-            executor = make_executor(stage.pipeline, stage.tasks, workers, stage_logs(work, stage), stage.name,
-                                     execution)
-            to_run = len(executor.get_incomplete_ranks())
-            with tied_to_this_process():
-                executor.run()
-        finally:
-            logger.enable("datatrove")
-        if executor.get_incomplete_ranks():
-            raise UserError(f"data stage {stage.name!r} did not finish; its logs are in "
-                            f"{work.resolve_paths(stage_logs_rel(stage))}; run the same command again to resume")
-        progress.update(stage.tasks)
-        timings[stage.name] = {"wall_s": progress.close(), "cpu_s": cpu_seconds() - cpu, "tasks_run": to_run}
-    return timings
+    logger.disable("datatrove")  # its banners (and the Ray executor's shared-folder warning) drown our lines
+    try:
+        with StagePool(min(workers, max(s.tasks for s in stages)) if execution.kind == "local" else 1) as pool:
+            for i, stage in enumerate(stages, 1):
+                cpu = cpu_seconds()
+                progress = Progress(f"data {i}/{len(stages)} {stage.name}", enabled=show_progress, unit="tasks",
+                                    total=stage.tasks, interval=math.inf)  # one line per stage, when it ends
+                executor = make_executor(stage.pipeline, stage.tasks, workers, stage_logs(work, stage), stage.name,
+                                         execution)
+                to_run = len(executor.get_incomplete_ranks())
+                if execution.kind == "local":
+                    worker_cpu = pool.run(executor)
+                else:
+                    executor.run()
+                    worker_cpu = 0.0  # Ray's workers are not ours to time
+                workers_cpu += worker_cpu
+                if executor.get_incomplete_ranks():
+                    raise UserError(f"data stage {stage.name!r} did not finish; its logs are in "
+                                    f"{work.resolve_paths(stage_logs_rel(stage))}; run the same command again to resume")
+                progress.update(stage.tasks)
+                timings[stage.name] = {"wall_s": progress.close(), "cpu_s": cpu_seconds() - cpu + worker_cpu,
+                                       "tasks_run": to_run}
+    finally:
+        logger.enable("datatrove")
+    return timings, workers_cpu
 
 
 def stage_logs_rel(stage: Stage) -> str:
@@ -318,9 +324,10 @@ def prepare_pipeline(sources: list[SourceSpec], tokenizer: CodeTokenizer, out_di
     if execution.kind == "slurm":
         return {"slurm_jobs": submit_slurm(stages, work, execution)}
     t0, cpu0 = time.perf_counter(), cpu_seconds()
-    timings = run_stages(stages, work, opt.workers, show_progress, execution)
+    timings, workers_cpu = run_stages(stages, work, opt.workers, show_progress, execution)
     done = read_json(out, "prepare.json")
-    done["result"]["timings"] = timings | {"total": {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0}}
+    total = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0 + workers_cpu}
+    done["result"]["timings"] = timings | {"total": total}
     write_json(out, "prepare.json", done)
     out.rm(".work", recursive=True)
     return done["result"]
