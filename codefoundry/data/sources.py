@@ -118,9 +118,9 @@ def scan_folder(root: Path, languages: set[str] | None = None, follow_symlinks: 
     real_root = os.path.realpath(root)
     st = os.stat(root)
     seen = {(st.st_dev, st.st_ino)}
-    stack = [str(root)]
+    stack = [(str(root), "")]  # (folder, its path under root + "/"): no relpath per file (a third of the walk)
     while stack:
-        folder = stack.pop()
+        folder, prefix = stack.pop()
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -128,7 +128,7 @@ def scan_folder(root: Path, languages: set[str] | None = None, follow_symlinks: 
             continue  # an unreadable folder holds nothing we could read
         subdirs = []
         for e in entries:
-            rel = os.path.relpath(e.path, root).replace(os.sep, "/")
+            rel = prefix + e.name
             found = kind_of(e.name, languages)
             if e.is_symlink():
                 try:
@@ -144,7 +144,7 @@ def scan_folder(root: Path, languages: set[str] | None = None, follow_symlinks: 
                         if (st.st_dev, st.st_ino) in seen:  # a loop, or a folder reached twice
                             yield FolderEntry(e.path, rel, "folder", skip="symlink_to_visited_folder")
                         else:
-                            subdirs.append(e.path)
+                            subdirs.append((e.path, rel + "/"))
                     elif outside:
                         yield FolderEntry(e.path, rel, "folder", skip="symlink_outside_source")
                     continue
@@ -154,11 +154,11 @@ def scan_folder(root: Path, languages: set[str] | None = None, follow_symlinks: 
                 continue
             if e.is_dir(follow_symlinks=False):
                 if e.name not in SKIP_DIRS:
-                    subdirs.append(e.path)
+                    subdirs.append((e.path, rel + "/"))
             elif found and found[0] in kinds:
                 yield FolderEntry(e.path, rel, *found)
         if follow_symlinks:
-            for d in subdirs:
+            for d, _ in subdirs:
                 st = os.stat(d)
                 seen.add((st.st_dev, st.st_ino))
         stack.extend(reversed(subdirs))  # pop() then visits them in sorted order
