@@ -11,6 +11,11 @@ Each client sends its requests one after another; request lengths vary (``ignore
 max_tokens drawn from --min-tokens..--max-tokens, the same draws for both servers), which is
 where a static batch waits for its longest row.
 
+Over HTTP the clients share the machine with the server, so each level also reports where the
+CPU went: CPU microseconds per generated token of the server process and of this (client)
+process, and stream chunks per token (a server that falls behind joins a stream's pending text
+into one chunk). On a busy machine the CPU figures move much less than the wall-clock ones.
+
     python bench/bench_serve.py                                # tiny random model, CPU
     python bench/bench_serve.py --preset cf-150m --device cuda # a 150M model on GPU
     python bench/bench_serve.py --checkpoint runs/x/checkpoint
@@ -80,9 +85,10 @@ def former_checkpoint(checkpoint: Path, code: Path, out: Path) -> Path:
     return out
 
 
-def start_server(code: Path, checkpoint: Path, device: str, max_batch: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
+def start_server(code: Path, checkpoint: Path, device: str, max_batch: int, max_tokens: int,
+                 extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "codefoundry.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-           "--device", device, "--max-batch", str(max_batch), "--max-tokens", str(max_tokens)]
+           "--device", device, "--max-batch", str(max_batch), "--max-tokens", str(max_tokens), *(extra or [])]
     env = {**os.environ, "PYTHONPATH": str(code)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=code, env=env)
     line = proc.stdout.readline()
@@ -93,18 +99,29 @@ def start_server(code: Path, checkpoint: Path, device: str, max_batch: int, max_
     return proc, match.group(1) + "/v1"
 
 
-def stream_one(client, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(time to first token, total time, completion tokens) of one streamed completion."""
+def stream_one(client, prompt: str, max_tokens: int) -> tuple[float, float, int, int]:
+    """(time to first token, total time, completion tokens, chunks with text) of one streamed completion."""
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, chunks = None, 0, 0
     for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=1.0,
                                            stream=True, stream_options={"include_usage": True},
                                            extra_body={"ignore_eos": True}):
-        if chunk.choices and chunk.choices[0].text and first is None:
-            first = time.perf_counter() - start
+        if chunk.choices and chunk.choices[0].text:
+            chunks += 1
+            if first is None:
+                first = time.perf_counter() - start
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
-    return first or float("nan"), time.perf_counter() - start, tokens
+    return first or float("nan"), time.perf_counter() - start, tokens, chunks
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of process ``pid`` so far; NaN without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def http_client(url: str):
@@ -154,32 +171,39 @@ def engine_client(checkpoint: str, device: str, max_batch: int, static: bool):
     model, tok = load_model(checkpoint, device)
     engine = (StaticEngine if static else Engine)(model, tok, max_batch=max_batch)
 
-    def one(prompt: str, max_tokens: int) -> tuple[float, float, int]:
-        start, first = time.perf_counter(), []
+    def one(prompt: str, max_tokens: int) -> tuple[float, float, int, int]:
+        start, texts = time.perf_counter(), []
         request = Request(tok.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=1.0),
-                          on_text=lambda _: first or first.append(time.perf_counter() - start))
+                          on_text=lambda _: texts.append(time.perf_counter() - start))
         engine.submit(request)
         request.done.wait()
-        return (first or [float("nan")])[0], time.perf_counter() - start, len(request.completion_ids)
+        return (texts or [float("nan")])[0], time.perf_counter() - start, len(request.completion_ids), len(texts)
     return one
 
 
-def load(call, clients: int, per_client: int, lengths: list[int]) -> dict[str, float]:
-    """``clients`` concurrent clients, each sending ``per_client`` requests in turn through ``call``."""
+def load(call, clients: int, per_client: int, lengths: list[int], server_pid: int | None = None) -> dict[str, float]:
+    """``clients`` concurrent clients, each sending ``per_client`` requests in turn through ``call``;
+    with ``server_pid``, also the CPU time per token of that process and of this one (the clients)."""
     call(PROMPT, 4)  # warm-up
 
-    def run(c: int) -> list[tuple[float, float, int]]:
+    def run(c: int) -> list[tuple[float, float, int, int]]:
         return [call(f"# {c}.{i}\n" + PROMPT, lengths[(c * per_client + i) % len(lengths)])
                 for i in range(per_client)]
 
-    start = time.perf_counter()
+    start, client_cpu = time.perf_counter(), time.process_time()
+    server_cpu = process_cpu(server_pid) if server_pid else float("nan")
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(run, range(clients)) for r in rs]
     wall = time.perf_counter() - start
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = (process_cpu(server_pid) if server_pid else float("nan")) - server_cpu
+    tokens = sum(r[2] for r in results)
     latency = sorted(r[1] for r in results)
-    return {"tok_s": sum(r[2] for r in results) / wall, "p50": statistics.median(latency),
+    return {"tok_s": tokens / wall, "p50": statistics.median(latency),
             "p99": latency[min(len(latency) - 1, round(0.99 * (len(latency) - 1)))],
-            "ttft": statistics.median(r[0] for r in results), "requests": len(results)}
+            "ttft": statistics.median(r[0] for r in results), "requests": len(results),
+            "server_us": server_cpu / tokens * 1e6, "client_us": client_cpu / tokens * 1e6,
+            "chunks": sum(r[3] for r in results) / tokens}
 
 
 def engine_level(checkpoint: Path, device: str, clients: int, per_client: int, max_batch: int,
@@ -207,6 +231,9 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="runs per (server, level); the best is reported")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="--threads of the present server (default: its own, every core but one; the former "
+                         "server always takes PyTorch's default, every core)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     rng = random.Random(0)
@@ -231,10 +258,11 @@ def main() -> None:
                     runs.setdefault(("engine", name, clients), []).append(
                         engine_level(checkpoint, args.device, clients, per_client, max(levels), lengths, static))
                 for name, code in (("static", former), ("continuous", ROOT)):
-                    proc, url = start_server(code, checkpoints[code], args.device, max(levels), args.max_tokens)
+                    extra = ["--threads", str(args.threads)] if code == ROOT and args.threads else []
+                    proc, url = start_server(code, checkpoints[code], args.device, max(levels), args.max_tokens, extra)
                     try:
                         runs.setdefault(("HTTP", name, clients), []).append(
-                            load(http_client(url), clients, per_client, lengths))
+                            load(http_client(url), clients, per_client, lengths, proc.pid))
                     finally:
                         proc.terminate()
                         proc.wait(timeout=30)
@@ -243,18 +271,21 @@ def main() -> None:
     print(f"model: {args.checkpoint or args.preset} ({n_params / 1e6:.1f}M params), {device}; max_tokens "
           f"{args.min_tokens}-{args.max_tokens} per request (ignore_eos), temperature 1, max batch {max(levels)}")
     print("engine: in process, static policy (bench copy) vs continuous; HTTP: former server (git "
-          f"{FORMER}, static) vs present server (continuous)")
+          f"{FORMER}, static) vs present server (continuous, --threads {args.threads or 'default'})")
+    print("CPU us/token: server process / client (this) process, over HTTP only; chunks: stream chunks per token")
     print(f"{'via':<8}{'server':<15}{'clients':>8}{'requests':>9}{'tok/s':>10}{'p50 s':>8}{'p99 s':>8}"
-          f"{'TTFT p50 s':>12}")
+          f"{'TTFT p50 s':>12}{'server us':>11}{'client us':>11}{'chunks':>8}")
     for via, name, clients, r in sorted(rows, key=lambda row: (row[0] != "engine", row[1], row[2])):
+        cpu = (f"{r['server_us']:>11.0f}{r['client_us']:>11.0f}" if via == "HTTP" else f"{'-':>11}{'-':>11}")
         print(f"{via:<8}{name:<15}{clients:>8}{r['requests']:>9}{r['tok_s']:>10,.1f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
-              f"{r['ttft']:>12.3f}")
+              f"{r['ttft']:>12.3f}{cpu}{r['chunks']:>8.2f}")
     by = {(v, n, c): r for v, n, c, r in rows}
     for via in ("engine", "HTTP"):
         for clients in levels:
             old, new = by[(via, "static", clients)], by[(via, "continuous", clients)]
+            cpu = (f", server CPU per token x{new['server_us'] / old['server_us']:.2f}" if via == "HTTP" else "")
             print(f"{via} {clients} clients: continuous/static throughput x{new['tok_s'] / old['tok_s']:.2f}, "
-                  f"p50 latency x{new['p50'] / old['p50']:.2f}")
+                  f"p50 latency x{new['p50'] / old['p50']:.2f}{cpu}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,8 @@ def register(subparsers) -> None:
                    help="generation requests in flight; more get 503 with Retry-After")
     s.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: every core but one, left to the HTTP side)")
     add_load_args(s)
     s.set_defaults(func=run_serve)
 
@@ -179,10 +181,14 @@ def run_agent(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        from codefoundry.infer.server import ServerLimits, serve
+        from codefoundry.infer.server import ServerLimits, serve, serving_threads
     except ImportError as exc:
         raise UserError(f"serve needs the 'serve' extra ({exc.name} is missing): pip install 'codefoundry[serve]'") from None
+    import torch
+
     from codefoundry.infer.engine import Engine
+
+    torch.set_num_threads(serving_threads(args.threads))
 
     model, tok = load_from_args(args)
     name = args.model_name or Path(args.checkpoint).resolve().name

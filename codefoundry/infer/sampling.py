@@ -88,7 +88,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Next token per row of ``logits`` (B, V) under each row's settings, and the rows that failed."""
-    out = logits.argmax(dim=-1)
+    greedy = [row for row, p in enumerate(params) if p.greedy]
+    if len(greedy) == len(params):
+        return logits.argmax(dim=-1), {}
+    out = torch.zeros(len(params), dtype=torch.long, device=logits.device)
+    if greedy:  # an argmax over a 4k vocabulary costs ~2.5 us a row on a CPU: only where needed
+        index = torch.tensor(greedy, device=logits.device)
+        out[index] = logits[index].argmax(dim=-1)
     failed: dict[int, Exception] = {}
     free = [row for row, p in enumerate(params) if not p.greedy and generators[row] is None]
     if free:
