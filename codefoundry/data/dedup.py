@@ -91,11 +91,15 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     integrated on a grid in numpy instead of with scipy (whose import alone took 1.2 s)."""
     pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=np.float64)
     s = np.linspace(0.0, 1.0, 4001)
-    candidate = 1 - (1 - s[None, :] ** pairs[:, 1:2]) ** pairs[:, 0:1]  # P(pair becomes a candidate | Jaccard s)
     below = s <= threshold
-    false_pos = np.trapezoid(np.where(below, candidate, 0.0), s, axis=1)
-    false_neg = np.trapezoid(np.where(below, 0.0, 1 - candidate), s, axis=1)
-    b, r = pairs[np.argmin(false_pos + false_neg)]
+    error = np.empty(len(pairs))
+    for i in range(0, len(pairs), 64):  # 2 MB blocks: the whole grid at once page-faulted ~0.5 s in a fresh process
+        block = pairs[i:i + 64]
+        candidate = 1 - (1 - s[None, :] ** block[:, 1:2]) ** block[:, 0:1]  # P(pair becomes a candidate | Jaccard s)
+        false_pos = np.trapezoid(np.where(below, candidate, 0.0), s, axis=1)
+        false_neg = np.trapezoid(np.where(below, 0.0, 1 - candidate), s, axis=1)
+        error[i:i + 64] = false_pos + false_neg
+    b, r = pairs[np.argmin(error)]
     return int(b), int(r)
 
 
