@@ -189,3 +189,20 @@ def test_folder_walk_is_sorted_iterative_and_names_each_skip(tmp_path):
     assert [e.relpath for e in entries] == ["a.js", "b.py", "loop.py", "/".join(["n"] * 1200) + "/deep.py"]
     assert [e.skip for e in entries] == [None, None, "symlink_loop", None]
     assert [e.language for e in entries] == ["javascript", "python", "python", "python"]
+
+
+def test_folder_walk_names_files_under_a_followed_folder_link_by_the_link(tmp_path):
+    """Paths under the root (ids, the train/val split) go through a followed folder link, as written."""
+    from codefoundry.data.sources import scan_folder
+
+    outside = tmp_path / "outside" / "pkg"
+    outside.mkdir(parents=True)
+    (outside / "mod.py").write_text(GOOD)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.py").write_text(GOOD)
+    (src / "sub" / "linked").symlink_to(outside)
+    followed = [(e.relpath, e.skip) for e in scan_folder(src, follow_symlinks=True)]
+    assert followed == [("sub/a.py", None), ("sub/linked/mod.py", None)]
+    assert [(e.relpath, e.skip) for e in scan_folder(src)] == [("sub/a.py", None),
+                                                              ("sub/linked", "symlink_outside_source")]

@@ -64,6 +64,47 @@ def test_fsspec_file_and_memory_urls_give_the_same_shards(tiny_tokenizer, local_
     memory.rm("/out", recursive=True)
 
 
+def test_a_pool_of_workers_writes_what_one_process_writes_and_times_its_tasks(tiny_tokenizer, local_run, tmp_path):
+    """More tasks than workers: each worker takes the next task when it is free. Same shards as one
+    process running every task in turn, and each stage's CPU time counts the workers' tasks."""
+    tok, _ = tiny_tokenizer
+    opts = {**OPTS, "tasks": 3}
+    one = prepare(SOURCES, tok, tmp_path / "one", 0.2, workers=1, **opts)
+    two = prepare(SOURCES, tok, tmp_path / "two", 0.2, workers=2, **opts)
+    same_output(tmp_path / "one", tmp_path / "two")
+    for stage in ("filter", "minhash signatures", "tokenize"):
+        assert one["timings"][stage]["tasks_run"] == two["timings"][stage]["tasks_run"] == 3
+        # the command itself only hands tasks out: without its workers' time this was ~0.02 s of ~1 s
+        assert two["timings"][stage]["cpu_s"] > 0.5 * one["timings"][stage]["cpu_s"], stage
+    assert two["timings"]["total"]["cpu_s"] > 0.5 * one["timings"]["total"]["cpu_s"]
+
+
+def fail_on_rank_1(data, rank: int, world_size: int, pids: Path = Path()):
+    """A pipeline step (datatrove takes callables) that records its process and breaks in task 1."""
+    (pids / f"{rank}.pid").write_text(str(os.getpid()))
+    if rank == 1:
+        raise RuntimeError("task 1 broke")
+    return data
+
+
+def test_a_failing_task_stops_the_stage_and_its_workers(tmp_path):
+    from functools import partial
+
+    from codefoundry.data.executors import QuietLocalExecutor, StagePool
+
+    executor = QuietLocalExecutor([partial(fail_on_rank_1, pids=tmp_path)], tasks=3, workers=2,
+                                  logging_dir=str(tmp_path / "logs"))
+    with pytest.raises(RuntimeError, match="task 1 broke"):
+        with StagePool(2) as pool:
+            pool.run(executor)
+    assert 1 in executor.get_incomplete_ranks()  # a rerun redoes it
+    workers = {int(p.read_text()) for p in tmp_path.glob("*.pid")}
+    assert os.getpid() not in workers  # the tasks ran in the pool's processes...
+    for pid in workers:  # ...which are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
