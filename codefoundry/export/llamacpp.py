@@ -9,9 +9,11 @@ The package ships a prebuilt CPU ``libllama`` in its wheel (``llama-cpp-python``
 llama.cpp from source, which takes too long on small machines); it is imported lazily.
 
 That prebuilt library needs glibc 2.38 (its ``manylinux2014`` tag says otherwise). On an older
-system, build llama.cpp's ``libllama`` at the commit the installed bindings were generated from
-(``llama_cpp_py_sync.__llama_cpp_commit__``, or the bindings release matching your checkout) and
-point ``LLAMA_CPP_LIB`` at it: it is opened with the package's own declarations.
+system, build llama.cpp's ``libllama`` from a source tree whose ``include/llama.h`` matches the
+installed bindings (``llama_cpp_py_sync.__llama_cpp_commit__``, or pick the bindings release that
+matches your tree), e.g. ``cmake -B build -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF && cmake --build
+build --target llama``, and point ``LLAMA_CPP_LIB`` at ``build/bin/libllama.so``: it is opened with
+the package's own declarations, so a mismatched header means wrong struct layouts.
 """
 
 from __future__ import annotations
