@@ -5,53 +5,42 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from codefoundry.errors import UserError
-from codefoundry.train.cli import add_run_flags, resume_arg
+from codefoundry.train.cli import resume_arg, train_and_report, training_parser
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from codefoundry.eval.during_training import code_scorer  # the command level may import every stage
-    from codefoundry.post.finetune import finetune_config
     from codefoundry.post.sft import SFT_DEFAULTS, sft
     from codefoundry.post.sft_data import Source
-    from codefoundry.train.distributed import shutdown
 
-    resume = resume_arg(args)
-    run = finetune_config(args.checkpoint, SFT_DEFAULTS, args.overrides, args.out)
-    try:
-        summary = sft(args.checkpoint, [Source.parse(d) for d in args.data], run, resume, args.stop_after,
-                      lora=args.lora, scorer=code_scorer(run.train))
-    finally:
-        shutdown()
-    print(json.dumps(summary, indent=2))
-    return 0
+    return _finetune(args, SFT_DEFAULTS, sft, [Source.parse(d) for d in args.data])
 
 
 def run_dpo(args: argparse.Namespace) -> int:
-    from codefoundry.eval.during_training import code_scorer
     from codefoundry.post.dpo import DPO_DEFAULTS, dpo
-    from codefoundry.post.finetune import finetune_config
     from codefoundry.post.sft_data import Source
-    from codefoundry.train.distributed import shutdown
+
+    return _finetune(args, DPO_DEFAULTS, dpo, Source.parse(args.data), beta=args.beta, reference=args.reference)
+
+
+def _finetune(args: argparse.Namespace, defaults: dict[str, Any], train: Callable[..., dict[str, Any]],
+              data: Any, **options: Any) -> int:
+    """Fine-tune --checkpoint with ``train`` (sft or dpo) on ``data``: the stage's defaults under the
+    overrides, --resume, --stop-after and --lora."""
+    from codefoundry.post.finetune import finetune_config
 
     resume = resume_arg(args)
-    run = finetune_config(args.checkpoint, DPO_DEFAULTS, args.overrides, args.out)
-    try:
-        summary = dpo(args.checkpoint, Source.parse(args.data), run, args.beta, args.reference, resume, args.stop_after,
-                      lora=args.lora, scorer=code_scorer(run.train))
-    finally:
-        shutdown()
-    print(json.dumps(summary, indent=2))
-    return 0
+    run = finetune_config(args.checkpoint, defaults, args.overrides, args.out)
+    return train_and_report(train, args.checkpoint, data, run=run, resume=resume, stop_after=args.stop_after,
+                            lora=args.lora, **options)
 
 
-def _add_finetune_flags(p: argparse.ArgumentParser) -> None:
-    """What sft and dpo share: the training flags `codefoundry pretrain` has, and --lora."""
-    add_run_flags(p, "train.field=value overrides")
+def _add_lora(p: argparse.ArgumentParser) -> None:
+    """--lora, which sft and dpo share."""
     p.add_argument("--lora", default=None, metavar="r=16,alpha=32,targets=q_proj,v_proj",
                    help="train LoRA adapters only (targets=all-linear: every projection); checkpoints stay "
                         "plain merged models, the adapter alone goes to OUT/adapter (give it again to --resume)")
@@ -112,25 +101,25 @@ def run_test_pairs(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    s = subparsers.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens)",
-                              description="SFT. Train settings as overrides, e.g. train.lr=1e-4 train.max_steps=500. "
-                                          "Multi-GPU: torchrun --nproc-per-node N -m codefoundry.cli sft ...")
+    s = training_parser(subparsers, "sft", "supervised fine-tuning on chat data (loss on assistant tokens)",
+                        "SFT. Train settings as overrides, e.g. train.lr=1e-4 train.max_steps=500.",
+                        "train.field=value overrides")
     s.add_argument("--checkpoint", required=True, help="checkpoint to fine-tune")
     s.add_argument("--data", action="append", required=True,
                    help="PATH.jsonl[@WEIGHT] or hf:NAME[:SPLIT][@WEIGHT] (repeatable; mixed by weight)")
     s.add_argument("--out", required=True, help="run directory (out/checkpoint, metrics.jsonl)")
-    _add_finetune_flags(s)
+    _add_lora(s)
     s.set_defaults(func=run_sft)
 
-    d = subparsers.add_parser("dpo", help="direct preference optimization on prompt/chosen/rejected pairs",
-                              description="DPO. Train settings as overrides, e.g. train.lr=1e-5 train.max_steps=200. "
-                                          "Multi-GPU: torchrun --nproc-per-node N -m codefoundry.cli dpo ...")
+    d = training_parser(subparsers, "dpo", "direct preference optimization on prompt/chosen/rejected pairs",
+                        "DPO. Train settings as overrides, e.g. train.lr=1e-5 train.max_steps=200.",
+                        "train.field=value overrides")
     d.add_argument("--checkpoint", required=True, help="checkpoint to train (usually after SFT)")
     d.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} (or hf:NAME)")
     d.add_argument("--out", required=True, help="run directory")
     d.add_argument("--reference", default=None, help="frozen reference checkpoint (default: --checkpoint)")
     d.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
-    _add_finetune_flags(d)
+    _add_lora(d)
     d.set_defaults(func=run_dpo)
 
     b = subparsers.add_parser("sft-data", help="build post-training data without downloads")

@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from codefoundry.config import RunConfig
 from codefoundry.errors import UserError
 from codefoundry.recipes import build_run_config
 
 
-def add_run_flags(p: argparse.ArgumentParser, overrides_help: str) -> None:
-    """The flags every training command (pretrain, sft, dpo) shares: --resume, --stop-after, overrides."""
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
-                   help="continue the run in --out: 'auto' (default) takes its newest valid checkpoint and "
-                        "starts fresh if there is none; or name a checkpoint directory")
-    p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
+def training_parser(subparsers, name: str, help: str, description: str,
+                    overrides_help: str) -> argparse.ArgumentParser:
+    """A training command's parser (pretrain, sft, dpo): the flags they share (--resume, --stop-after,
+    overrides) and the torchrun line of the description; the command adds its own flags."""
+    p = subparsers.add_parser(name, help=help, description=f"{description} Multi-GPU: torchrun --nproc-per-node N "
+                                                          f"-m codefoundry.cli {name} ...")
     p.add_argument("overrides", nargs="*", help=overrides_help)
+    run = p.add_argument_group("resuming")  # listed after the command's own options
+    run.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
+                     help="continue the run in --out: 'auto' (default) takes its newest valid checkpoint and "
+                          "starts fresh if there is none; or name a checkpoint directory")
+    run.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this step")
+    return p
+
+
+def train_and_report(train: Callable[..., dict[str, Any]], *inputs: Any, run: RunConfig, **options: Any) -> int:
+    """Run a training function (pretrain, sft, dpo) with the code scorer the command level builds
+    (train/ itself may not import the eval layer), leave the process group even on error, print the summary."""
+    from codefoundry.eval.during_training import code_scorer
+    from codefoundry.train.distributed import shutdown
+
+    try:
+        summary = train(*inputs, run=run, scorer=code_scorer(run.train), **options)
+    finally:
+        shutdown()
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def resume_arg(args: argparse.Namespace) -> bool | str:
@@ -61,17 +83,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         print(f"smoke test passed: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
               f"{result['tok_per_s']:,.0f} tokens/s")
         return 0
-    from codefoundry.eval.during_training import code_scorer  # the command level may import every stage
-    from codefoundry.train.distributed import shutdown
     from codefoundry.train.trainer import pretrain
 
     run = resolve_run(args)
-    try:
-        summary = pretrain(run, resume=resume_arg(args), stop_after=args.stop_after, scorer=code_scorer(run.train))
-    finally:
-        shutdown()
-    print(json.dumps(summary, indent=2))
-    return 0
+    return train_and_report(pretrain, run=run, resume=resume_arg(args), stop_after=args.stop_after)
 
 
 def run_plot(args: argparse.Namespace) -> int:
@@ -101,16 +116,15 @@ def run_presets(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pretrain", help="pretrain a model on prepared data",
-                              description="Pretrain. Any config field can be overridden: train.lr=1e-3 model.dim=512. "
-                                          "Multi-GPU: torchrun --nproc-per-node N -m codefoundry.cli pretrain ...")
+    p = training_parser(subparsers, "pretrain", "pretrain a model on prepared data",
+                        "Pretrain. Any config field can be overridden: train.lr=1e-3 model.dim=512.",
+                        "section.field=value overrides")
     p.add_argument("--preset", default=None, help="model preset (see `codefoundry presets`)")
     p.add_argument("--config", default=None, help="YAML recipe (see configs/)")
     p.add_argument("--data", default=None, help="prepared data directory (train.data)")
     p.add_argument("--out", default=None, help="run directory (train.out)")
     p.add_argument("--smoke-test", action="store_true",
                    help="train a tiny model on synthetic data for a few seconds to check this machine")
-    add_run_flags(p, "section.field=value overrides")
     p.set_defaults(func=run_pretrain)
 
     pl = subparsers.add_parser("plot", help="plot a run's metrics to PNG")
