@@ -153,3 +153,14 @@ def test_rows_keep_their_tokens_when_the_batch_is_packed(model_tok):
     alone = Request(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=100, temperature=1.0, seed=2))
     run_batch(model, tok, [alone])
     assert late.completion_ids == alone.completion_ids and first.finish_reason == "length"
+
+
+def test_on_done_is_called_once_when_the_request_has_ended(model_tok):
+    """The server queues plain requests without a thread and learns of their end through on_done."""
+    model, tok = model_tok
+    seen = []
+    reqs = [Request(tok.encode(p), SamplingParams(max_tokens=n),
+                    on_done=lambda r: seen.append((r.prompt_ids, r.done.is_set(), r.finish_reason)))
+            for p, n in zip(PROMPTS[:2], (3, 6))]
+    run_batch(model, tok, reqs)
+    assert sorted(seen) == sorted((r.prompt_ids, True, "length") for r in reqs)

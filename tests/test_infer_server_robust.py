@@ -234,6 +234,9 @@ def test_metrics_schema_docs_and_access_log(served):
     access.setLevel(logging.INFO)
     try:
         assert post(url + "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200
+        deadline = time.monotonic() + 5
+        while not records and time.monotonic() < deadline:  # the line is written once the last byte has gone
+            time.sleep(0.01)
     finally:
         access.removeHandler(handler)
         access.setLevel(level)

@@ -41,14 +41,17 @@ class EngineBusy(RequestRejected):
 
 
 class Request:
-    """One generation. ``on_text(delta)`` receives text as it becomes safe to show (called from
-    the decoding thread); ``done`` is set once ``finish_reason`` is known."""
+    """One generation. ``on_text(delta)`` receives text as it becomes safe to show and
+    ``on_done(request)`` is called once it has ended (both from the decoding thread); ``done``
+    is set once ``finish_reason`` is known."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> None:
+                 on_text: Callable[[str], None] | None = None,
+                 on_done: Callable[[Request], None] | None = None) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.on_text = on_text
+        self.on_done = on_done
         self.completion_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
@@ -73,6 +76,8 @@ class Request:
         self.finish_reason, self.finish_token, self.error = reason, token, error
         self.finished_at = time.perf_counter()
         self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
     def cancel(self) -> None:
         """Stop generating for this request (e.g. the client disconnected)."""

@@ -106,7 +106,11 @@ class _Outbox:
             if self.scheduled:
                 return
             self.scheduled = True
-        self.loop.call_soon_threadsafe(self._deliver)
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is left to deliver to
+            with self.lock:
+                self.items, self.scheduled = [], False
 
     def _deliver(self) -> None:
         with self.lock:
@@ -116,30 +120,58 @@ class _Outbox:
 
 
 class _Job:
-    """Runs each ``work(on_text, run)`` on a thread of its own and hands its events to the event
-    loop: ``(index, text)`` as text becomes safe to show, then ``(index, _Done)``. ``run``
-    decodes a request through the engine and waits for it. When the consumer stops (a streaming
-    client went away) or the client disconnects (a watcher task waits for that), every engine
-    request the job made is cancelled, which frees its row at the next step."""
+    """Generations handed to the engine, and their events handed to the event loop: ``(index,
+    text)`` as text becomes safe to show, then ``(index, _Done)``. A plain :class:`Request` is
+    queued from the loop itself and reports back through its callbacks; a ``work(on_text, run)``
+    (a chat reply, which may decode twice) runs on a thread of its own, where ``run`` decodes a
+    request and waits for it. When the consumer stops (a streaming client went away) or the
+    client disconnects (a watcher task waits for that), every engine request the job made is
+    cancelled, which frees its row at the next step."""
 
-    def __init__(self, api: Api, works: list[Work]) -> None:
+    def __init__(self, api: Api, works: list[Work | Request]) -> None:
         self.api, self.outbox = api, api.outbox()
         self.items: list[tuple[int, Any]] = []
         self.ready = asyncio.Event()
         self.requests: list[Request] = []
+        self.timers: dict[int, asyncio.TimerHandle] = {}
         self.closed = False
         self.lock = threading.Lock()
         self.pending = len(works)
         for i, work in enumerate(works):
-            threading.Thread(target=self._target, args=(i, work), daemon=True).start()
+            if isinstance(work, Request):
+                self._decode(i, work)
+            else:
+                threading.Thread(target=self._target, args=(i, work), daemon=True).start()
 
     def _put(self, item: tuple[int, Any]) -> None:
         self.outbox.put(self, item)
 
     def receive(self, item: tuple[int, Any]) -> None:
         """On the event loop: one event arrived."""
+        if isinstance(item[1], _Done) and item[0] in self.timers:
+            self.timers.pop(item[0]).cancel()
         self.items.append(item)
         self.ready.set()
+
+    def _decode(self, index: int, request: Request) -> None:
+        """Queue ``request`` without a thread: its text and its end come back through its callbacks
+        (on the decoding thread); it is cancelled after the generation timeout."""
+        def done(request: Request) -> None:
+            try:
+                self.api.outcome(request)
+                self._put((index, _Done(request)))
+            except ApiError as exc:
+                self._put((index, _Done(error=exc)))
+
+        request.on_text, request.on_done = (lambda text: self._put((index, text))), done
+        with self.lock:
+            self.requests.append(request)
+        try:
+            self.api.submit(request)
+        except ApiError as exc:
+            self._put((index, _Done(error=exc)))
+            return
+        self.timers[index] = asyncio.get_running_loop().call_later(self.api.limits.timeout_s, request.cancel)
 
     def _run(self, request: Request) -> None:
         with self.lock:
@@ -178,10 +210,12 @@ class _Job:
 
     async def _watch(self, http: HttpRequest) -> None:
         """Wait for the client to disconnect (the request body has been read), then close the job."""
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-        self.close()
-        self.ready.set()
+        try:
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+        finally:  # disconnected, or cancelled once the job has ended: closing is right either way
+            self.close()
+            self.ready.set()
 
     def close(self) -> None:
         with self.lock:
@@ -251,20 +285,28 @@ class Api:
             raise ApiError(400, str(exc), "context_length_exceeded") from None
         return params
 
-    def run(self, request: Request) -> None:
-        """Decode ``request`` through the engine and wait for it (cancelled after the timeout)."""
+    def submit(self, request: Request) -> None:
+        """Queue ``request`` for the engine (503 when busy, 400 when it cannot fit)."""
         try:
             self.engine.submit(request)
         except EngineBusy as exc:
             raise ApiError(503, str(exc), "server_busy") from None
         except RequestRejected as exc:
             raise ApiError(400, str(exc), "context_length_exceeded") from None
-        if not request.done.wait(self.limits.timeout_s):
-            request.cancel()
-            request.done.wait()
+
+    def outcome(self, request: Request) -> None:
+        """Record a finished ``request``; 500 if generation itself failed."""
         self.metrics.observe(request)
         if request.finish_reason == "error":
             raise ApiError(500, f"generation failed: {request.error}", "server_error")
+
+    def run(self, request: Request) -> None:
+        """Decode ``request`` through the engine and wait for it (cancelled after the timeout)."""
+        self.submit(request)
+        if not request.done.wait(self.limits.timeout_s):
+            request.cancel()
+            request.done.wait()
+        self.outcome(request)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text) or [self.tok.bos_id]
@@ -286,7 +328,7 @@ class Api:
             for i in range(body.n):
                 seed = None if body.seed is None else body.seed + i
                 requests.append(Request(ids, replace(fitted, seed=seed)))
-        job = _Job(self, [_decode(r) for r in requests])
+        job = _Job(self, requests)
         meta = {**self.meta("cmpl"), "object": "text_completion"}
         echo = [prompts[i // body.n] if body.echo else "" for i in range(len(requests))]
         if body.stream:
@@ -427,7 +469,7 @@ class Api:
         # Editor completion is greedy unless the client asks otherwise.
         params = self.params(body, {self.tok.eot_id, self.tok.fim_pad_id}, temperature=0.0)
         request = Request(ids, self.fit(ids, params, body.max_tokens is not None))
-        job = _Job(self, [_decode(request)])
+        job = _Job(self, [request])
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 async for _, item in job.events(http):
@@ -438,14 +480,6 @@ class Api:
         await _drain(job, http)
         return JSONResponse({"content": request.text, "stop": True, "finish_reason": _reason(request),
                              "usage": _usage([request])})
-
-
-def _decode(request: Request) -> Work:
-    def work(on_text: Callable[[str], None], run: Callable[[Request], None]) -> Request:
-        request.on_text = on_text
-        run(request)
-        return request
-    return work
 
 
 async def _drain(job: _Job, http: HttpRequest) -> list[Any]:
