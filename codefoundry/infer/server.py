@@ -9,7 +9,9 @@
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (a chat and
   infill page), ``/openapi.json`` and ``/docs``.
 
-Generation endpoints stream server-sent events with ``"stream": true`` and report ``usage``.
+Generation endpoints stream server-sent events with ``"stream": true`` and report ``usage``;
+a streamed chunk carries the ``logprobs`` of the tokens decoded since the previous one, in
+OpenAI's shapes, when they are asked for.
 Errors keep OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
 request (validation included), 401, 404, 408 for a client too slow to send its request, 413
 for a body over the limit, 503 with ``Retry-After`` beyond the concurrency limit or while
