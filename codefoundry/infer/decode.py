@@ -46,7 +46,10 @@ class TextDeltas:
     window (the last settled tokens as context, then the new ones) and appends what the window
     adds, so a token costs the same at the 1,000th token as at the first, where decoding every
     id again grew with the completion. The window settles once its text no longer ends in a
-    partial character; until then it grows. The text is always what decoding every id gives.
+    partial character; until then it grows. With byte-level BPE the text and the deltas are
+    exactly those of decoding every id (tests compare them), as with decoders that strip the
+    first space; only a decoder that rewrites text already shown (ByteFallback turning a whole
+    run of bytes into U+FFFD) differs, where decoding every id would have shown text it then took back.
     """
 
     def __init__(self, tokenizer: CodeTokenizer, stop: list[str] | None = None) -> None:
