@@ -135,6 +135,7 @@ def test_a_nan_row_fails_alone_and_seeded_rows_keep_their_stream():
     assert list(failed) == [1] and 0 <= int(tokens[0]) < 50
     alone = torch.multinomial((logits[2:] / 0.8).softmax(-1), 1, generator=torch.Generator().manual_seed(4))
     assert int(tokens[2]) == int(alone)  # a seed gives the tokens it always gave
+    assert list(sample_rows(logits[:2], params[:2], gens[:2])[1]) == [1]  # every row unseeded: the same
 
 
 def test_decode_batch_rebuilds_its_masks_only_when_rows_change(model_tok):

@@ -91,18 +91,20 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     greedy = [row for row, p in enumerate(params) if p.greedy]
     if len(greedy) == len(params):
         return logits.argmax(dim=-1), {}
-    out = torch.zeros(len(params), dtype=torch.long, device=logits.device)
-    if greedy:  # an argmax over a 4k vocabulary costs ~2.5 us a row on a CPU: only where needed
-        index = torch.tensor(greedy, device=logits.device)
-        out[index] = logits[index].argmax(dim=-1)
-    failed: dict[int, Exception] = {}
     free = [row for row, p in enumerate(params) if not p.greedy and generators[row] is None]
-    if free:
-        index = torch.tensor(free, device=logits.device)
-        tokens, bad = sample_free_rows(logits[index], [params[row] for row in free])
-        out[index] = tokens
-        for i in bad:
-            failed[free[i]] = RuntimeError("the probabilities contain inf or NaN")
+    if len(free) == len(params):
+        out, bad = sample_free_rows(logits, params)
+    else:
+        out = torch.zeros(len(params), dtype=torch.long, device=logits.device)
+        if greedy:  # an argmax over a 4k vocabulary costs ~2.5 us a row on a CPU: only where needed
+            index = torch.tensor(greedy, device=logits.device)
+            out[index] = logits[index].argmax(dim=-1)
+        bad = []
+        if free:
+            index = torch.tensor(free, device=logits.device)
+            out[index], bad = sample_free_rows(logits[index], [params[row] for row in free])
+            bad = [free[i] for i in bad]
+    failed: dict[int, Exception] = {row: RuntimeError("the probabilities contain inf or NaN") for row in bad}
     for row, g in enumerate(generators):
         if g is not None:
             _sample_one(logits, out, row, params[row], g, failed)
@@ -135,8 +137,8 @@ def sample_free_rows(logits: torch.Tensor, params: list[SamplingParams]) -> tupl
     total = cdf[:, -1:]
     draw = torch.rand(total.shape, device=device) * total
     tokens = torch.searchsorted(cdf, draw, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
-    bad = (~torch.isfinite(total[:, 0])).nonzero()[:, 0].tolist()
-    return tokens, bad
+    finite = torch.isfinite(total[:, 0])
+    return tokens, [] if bool(finite.all()) else (~finite).nonzero()[:, 0].tolist()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
