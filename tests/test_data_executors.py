@@ -76,6 +76,9 @@ def test_a_pool_of_workers_writes_what_one_process_writes_and_times_its_tasks(ti
         assert one["timings"][stage]["tasks_run"] == two["timings"][stage]["tasks_run"] == 3
         # the command itself only hands tasks out: without its workers' time this was ~0.02 s of ~1 s
         assert two["timings"][stage]["cpu_s"] > 0.5 * one["timings"][stage]["cpu_s"], stage
+        # the critical path counts this process and only the busiest worker
+        assert 0 < two["timings"][stage]["critical_cpu_s"] <= two["timings"][stage]["cpu_s"], stage
+        assert one["timings"][stage]["critical_cpu_s"] == one["timings"][stage]["cpu_s"], stage
     assert two["timings"]["total"]["cpu_s"] > 0.5 * one["timings"]["total"]["cpu_s"]
 
 

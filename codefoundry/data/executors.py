@@ -89,10 +89,10 @@ class QuietLocalExecutor(LocalPipelineExecutor):
         return super()._run_for_rank(rank, local_rank, node_rank)
 
 
-def _timed_task(executor: QuietLocalExecutor, rank: int) -> tuple[PipelineStats, float]:
-    """One task, and the CPU seconds it took in the process that ran it."""
+def _timed_task(executor: QuietLocalExecutor, rank: int) -> tuple[PipelineStats, int, float]:
+    """One task, the worker that ran it and the CPU seconds it took there."""
     cpu = time.process_time()
-    return executor._run_for_rank(rank), time.process_time() - cpu
+    return executor._run_for_rank(rank), os.getpid(), time.process_time() - cpu
 
 
 class StagePool:
@@ -126,24 +126,28 @@ class StagePool:
         finally:
             self._tied.__exit__(exc_type, *exc)
 
-    def run(self, executor: QuietLocalExecutor) -> float:
+    def run(self, executor: QuietLocalExecutor) -> dict[int, float]:
         """Run the stage's unfinished tasks and save datatrove's stats; returns the CPU seconds its
-        tasks took in the workers (0 when they ran here)."""
+        tasks took in each worker, by process id (none when they ran here)."""
         ranks = executor.get_incomplete_ranks()
         if not ranks:
-            return 0.0
+            return {}
         executor.save_executor_as_json()
+        busy: dict[int, float] = {}
         if self._pool is None or len(ranks) == 1:
             pipeline, results = executor.pipeline, []
             for rank in ranks:  # steps keep per-task state: each task gets a fresh copy, as datatrove does
                 executor.pipeline = deepcopy(pipeline)
-                results.append((executor._run_for_rank(rank), 0.0))
+                results.append(executor._run_for_rank(rank))
             executor.pipeline = pipeline
         else:
-            results = list(self._pool.imap_unordered(partial(_timed_task, executor), ranks))
+            results = []
+            for stats, pid, cpu in self._pool.imap_unordered(partial(_timed_task, executor), ranks):
+                results.append(stats)
+                busy[pid] = busy.get(pid, 0.0) + cpu
         with executor.logging_dir.open("stats.json", "wt") as f:
-            sum((stats for stats, _ in results), start=PipelineStats()).save_to_disk(f)
-        return sum(cpu for _, cpu in results)
+            sum(results, start=PipelineStats()).save_to_disk(f)
+        return busy
 
 
 class QuietRayExecutor(RayPipelineExecutor):

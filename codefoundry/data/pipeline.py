@@ -229,38 +229,46 @@ def cpu_seconds() -> float:
 
 
 def run_stages(stages: list[Stage], work: DataFolder, workers: int, show_progress: bool,
-               execution: ExecutorOptions) -> tuple[dict[str, dict[str, float]], float]:
-    """Runs each stage to completion in order (local or Ray); returns wall and CPU seconds per stage
-    (this process and its local workers) and how many of its tasks ran (a resumed run skips the
-    finished ones), and the CPU seconds all stages took in the workers."""
-    timings, workers_cpu = {}, 0.0
+               execution: ExecutorOptions) -> dict[str, dict[str, float]]:
+    """Runs each stage to completion in order (local or Ray). Returns, per stage and in total, the
+    wall seconds, the CPU seconds of this process and its local workers (``cpu_s``), and the CPU
+    seconds of this process plus its busiest worker's (``critical_cpu_s``: what the wall time would
+    be with a free core per worker, the load-independent measure of scaling); per stage also how
+    many of its tasks ran (a resumed run skips the finished ones)."""
+    timings: dict[str, dict[str, float]] = {}
+    start, own_start, workers_cpu, critical = time.perf_counter(), cpu_seconds(), 0.0, 0.0
     if execution.kind == "ray":
         start_ray(execution.ray_address)
     logger.disable("datatrove")  # its banners (and the Ray executor's shared-folder warning) drown our lines
     try:
         with StagePool(min(workers, max(s.tasks for s in stages)) if execution.kind == "local" else 1) as pool:
             for i, stage in enumerate(stages, 1):
-                cpu = cpu_seconds()
+                own = cpu_seconds()
                 progress = Progress(f"data {i}/{len(stages)} {stage.name}", enabled=show_progress, unit="tasks",
                                     total=stage.tasks, interval=math.inf)  # one line per stage, when it ends
                 executor = make_executor(stage.pipeline, stage.tasks, workers, stage_logs(work, stage), stage.name,
                                          execution)
                 to_run = len(executor.get_incomplete_ranks())
                 if execution.kind == "local":
-                    worker_cpu = pool.run(executor)
+                    busy = pool.run(executor)
                 else:
                     executor.run()
-                    worker_cpu = 0.0  # Ray's workers are not ours to time
-                workers_cpu += worker_cpu
+                    busy = {}  # Ray's workers are not ours to time
                 if executor.get_incomplete_ranks():
                     raise UserError(f"data stage {stage.name!r} did not finish; its logs are in "
                                     f"{work.resolve_paths(stage_logs_rel(stage))}; run the same command again to resume")
                 progress.update(stage.tasks)
-                timings[stage.name] = {"wall_s": progress.close(), "cpu_s": cpu_seconds() - cpu + worker_cpu,
-                                       "tasks_run": to_run}
+                own = cpu_seconds() - own
+                workers_cpu += sum(busy.values())
+                critical += max(busy.values(), default=0.0)
+                timings[stage.name] = {"wall_s": progress.close(), "cpu_s": own + sum(busy.values()),
+                                       "critical_cpu_s": own + max(busy.values(), default=0.0), "tasks_run": to_run}
     finally:
         logger.enable("datatrove")
-    return timings, workers_cpu
+    own = cpu_seconds() - own_start
+    timings["total"] = {"wall_s": time.perf_counter() - start, "cpu_s": own + workers_cpu,
+                        "critical_cpu_s": own + critical}
+    return timings
 
 
 def stage_logs_rel(stage: Stage) -> str:
@@ -323,11 +331,9 @@ def prepare_pipeline(sources: list[SourceSpec], tokenizer: CodeTokenizer, out_di
     stages = build_stages(sources, tokenizer_json, work.resolve_paths(""), opt, decontaminator, merge)
     if execution.kind == "slurm":
         return {"slurm_jobs": submit_slurm(stages, work, execution)}
-    t0, cpu0 = time.perf_counter(), cpu_seconds()
-    timings, workers_cpu = run_stages(stages, work, opt.workers, show_progress, execution)
+    timings = run_stages(stages, work, opt.workers, show_progress, execution)
     done = read_json(out, "prepare.json")
-    total = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0 + workers_cpu}
-    done["result"]["timings"] = timings | {"total": total}
+    done["result"]["timings"] = timings
     write_json(out, "prepare.json", done)
     out.rm(".work", recursive=True)
     return done["result"]
