@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
-pytest.importorskip("fastapi", reason="the serve extra is not installed")
-
-from codefoundry.infer.server import serving_threads  # noqa: E402
+from codefoundry.infer.server import serving_threads
 
 
 def test_serving_threads_leave_a_core_to_the_http_side(monkeypatch):
