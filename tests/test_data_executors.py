@@ -174,7 +174,8 @@ def test_slurm_sbatch_scripts_and_dependencies_then_the_jobs_run(tiny_tokenizer,
     execution = ExecutorOptions("slurm", slurm_partition="cpu", slurm_time="01:30:00", slurm_cpus_per_task=3,
                                 slurm_job_name="cfdata")
     submitted = prepare(SOURCES, tok, out, 0.2, workers=1, execution=execution, **OPTS)["slurm_jobs"]
-    stages = ["filter", "exact dedup", "minhash signatures", "minhash buckets", "minhash clusters", "tokenize", "merge"]
+    stages = ["filter", "exact dedup", "minhash signatures", "minhash buckets", "minhash clusters", "tokenize",
+              "copy tokens", "merge"]
     assert list(submitted) == stages
 
     jobs = [(f.read_text().split("---\n", 1)) for f in sorted(log.iterdir(), key=lambda p: int(p.name))]

@@ -17,7 +17,7 @@ from tests.conftest import TINY_SOURCES
 
 TASKS = 2
 STAGE_TASKS = {"filter": TASKS, "exact_dedup": 1, "minhash_signatures": TASKS, "minhash_buckets": TASKS,
-               "minhash_clusters": 1, "tokenize": TASKS, "merge": 1}
+               "minhash_clusters": 1, "tokenize": TASKS, "copy_tokens": TASKS, "merge": 1}
 
 
 def marked_processes(marker: bytes) -> list[int]:

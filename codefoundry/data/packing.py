@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,9 +25,10 @@ from datatrove.io import DataFolder
 from tokenizers import Tokenizer
 
 from codefoundry.data.fim import doc_rng, fim_split, fim_tokens
-from codefoundry.data.shards import Shard, ShardWriter, as_folder
+from codefoundry.data.shards import COPY_TOKENS, Shard, ShardWriter, as_folder
 from codefoundry.tokenizer import CodeTokenizer
 
+COPY_BYTES = COPY_TOKENS * 2  # 8 MiB per read when copying part tokens
 DOC_INFO = np.dtype([("key", "<u8"), ("bytes", "<i8"), ("language", "<i4"), ("source", "<i4")])
 
 
@@ -119,6 +121,35 @@ class TokenizeToParts(PipelineStep):
             part.close({"split": split, "rank": rank, "fim_rows": dict(fim_rows) if split == "train" else {}})
 
 
+class CopyPartTokens(PipelineStep):
+    """The parallel half of the merge, for a local output: task r copies the tokens of its rank's
+    part of each split to that part's offset in one file per split (``tokens/{split}.bin`` in the
+    work folder), which the merge then hard-links as the shard's ``tokens.bin``. Tasks write
+    disjoint ranges, so they run at once, and a rerun writes the same bytes again. The merge
+    copied every part itself, alone: ~0.7 s of a 24 s run on 0.38 GB, the most serial work left."""
+
+    type = "💽 - WRITER"
+    name = "part tokens -> shard tokens"
+
+    def __init__(self, parts_dir: str, tokens_dir: str, splits: tuple[str, ...]) -> None:
+        super().__init__()
+        self.parts_dir, self.tokens_dir, self.splits = parts_dir, tokens_dir, splits
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
+        os.makedirs(self.tokens_dir, exist_ok=True)
+        for split in self.splits:
+            parts = finished_parts(os.path.join(self.parts_dir, split))
+            offset = sum(p.meta["tokens"] * np.dtype(p.meta["dtype"]).itemsize for p in parts if p.meta["rank"] < rank)
+            for part in (p for p in parts if p.meta["rank"] == rank and p.meta["tokens"]):
+                fd = os.open(os.path.join(self.tokens_dir, f"{split}.bin"), os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    with open(part.folder.resolve_paths("tokens.bin"), "rb") as f:
+                        while chunk := f.read(COPY_BYTES):
+                            offset += os.pwrite(fd, chunk, offset)
+                finally:
+                    os.close(fd)
+
+
 def finished_parts(parts_dir: str | Path | DataFolder) -> list[Shard]:
     """The complete parts of one split (those with a ``metadata.json``), in rank order."""
     folder = as_folder(parts_dir)
@@ -129,14 +160,17 @@ def finished_parts(parts_dir: str | Path | DataFolder) -> list[Shard]:
 
 
 def merge_parts(parts_dir: str | Path | DataFolder, out_dir: str | Path | DataFolder, vocab_size: int,
-                metadata: dict[str, Any], max_tokens: int = 0, domain: tuple[str, str] | None = None) -> dict[str, Any]:
+                metadata: dict[str, Any], max_tokens: int = 0, domain: tuple[str, str] | None = None,
+                tokens_file: str | None = None) -> dict[str, Any]:
     """Concatenate the finished parts (rank order) into one shard; returns its metadata.
 
     ``max_tokens`` keeps the documents with the smallest stable keys until the budget is
     spent: a uniform, reproducible sample. ``domain=("language", "python")`` keeps one domain.
+    ``tokens_file``: every part's tokens, already concatenated by :class:`CopyPartTokens`
+    (only when every document is kept).
     """
     parts = finished_parts(parts_dir)
-    writer = ShardWriter(out_dir, vocab_size)
+    writer = ShardWriter(out_dir, vocab_size, tokens_file)
     infos = [p.load("docs.npy") for p in parts]
     keep = [np.ones(len(i), dtype=bool) for i in infos]
     if domain is not None:

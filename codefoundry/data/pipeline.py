@@ -9,7 +9,8 @@
     4 buckets     LSH buckets -> candidate pairs                                      [<= T tasks]
     5 clusters    union-find -> one document kept per cluster                         [1 task]
     6 tokenize    drop exact + near copies -> weights, FIM, tokens -> part shards     [T tasks]
-    7 merge       parts -> OUT/train, OUT/val (+ OUT/val_by_<kind>/<domain>)          [1 task]
+    7 copy        each part's tokens -> its offset in its split's token stream        [T tasks]
+    8 merge       parts -> OUT/train, OUT/val (+ OUT/val_by_<kind>/<domain>)          [1 task]
 
 Every stage writes to ``OUT/.work`` and datatrove marks each finished task there, so a killed
 run restarted with the same command redoes only the unfinished tasks. ``OUT`` and the sources
@@ -44,7 +45,7 @@ from codefoundry.data.dedup import BandedMinhashBuckets, CodeMinhashSignature, e
 from codefoundry.data.executors import ExecutorOptions, StagePool, make_executor, start_ray
 from codefoundry.data.filters import CodeFilter, FilterChain, LanguageFilter, heuristic_filters
 from codefoundry.data.ledger import DropLedger, merge_ledgers
-from codefoundry.data.packing import TokenizeToParts, domains_of, finished_parts, merge_parts
+from codefoundry.data.packing import CopyPartTokens, TokenizeToParts, domains_of, finished_parts, merge_parts
 from codefoundry.data.readers import SourceSpec, build_reader
 from codefoundry.data.shards import as_folder
 from codefoundry.data.sources import MAX_FILE_BYTES, split_of
@@ -164,8 +165,18 @@ def build_stages(sources: list[SourceSpec], tokenizer_json: str, work: str, opt:
                                      *near_filter,
                                      TokenizeToParts(f"{work}/parts", tokenizer_json, opt.fim_rate, opt.seed, weights)],
                         tasks))
+    if copied := prewritten_splits(work, opt):
+        stages.append(Stage("copy tokens", [CopyPartTokens(f"{work}/parts", f"{work}/tokens", copied)], tasks))
     stages.append(Stage("merge", [merge], 1))
     return stages
+
+
+def prewritten_splits(work: str, opt: PrepareOptions) -> tuple[str, ...]:
+    """The splits whose token stream the copy stage writes in parallel: every split that keeps all
+    its documents (not a train split cut to ``max_tokens``), when the output is local."""
+    if not as_folder(work).is_local():
+        return ()
+    return tuple(s for s in SPLITS if not (s == "train" and opt.max_tokens))
 
 
 class MergeShards(PipelineStep):
@@ -197,10 +208,12 @@ class MergeShards(PipelineStep):
         removed = {step: reasons for step, reasons in ledger.items() if not step.startswith(READ_STEP_PREFIX)}
         common = {**self.common, "skipped": skipped, "removed": removed}
         opt, result = self.opt, {}
+        copied = prewritten_splits(work.resolve_paths(""), opt)
         for split in SPLITS:
             budget = opt.max_tokens if split == "train" else 0
+            tokens = work.resolve_paths(f"tokens/{split}.bin") if split in copied else None
             result[split] = merge_parts(parts.resolve_paths(split), out.resolve_paths(split), self.vocab_size,
-                                        {**common, "split": split}, max_tokens=budget)
+                                        {**common, "split": split}, max_tokens=budget, tokens_file=tokens)
         if opt.val_by:
             for domain in domains_of(parts.resolve_paths("val"), opt.val_by):
                 result[f"val_by_{opt.val_by}/{domain}"] = merge_parts(

@@ -11,6 +11,7 @@ fsspec URL; training reads local shards through ``np.memmap``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -35,18 +36,25 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
-    """Append tokenized documents; ``close`` writes the three files atomically."""
+    """Append tokenized documents; ``close`` writes the three files atomically.
 
-    def __init__(self, out_dir: str | Path | DataFolder, vocab_size: int) -> None:
+    ``tokens_file``: a local file that already holds the whole token stream (written in parallel,
+    see :class:`codefoundry.data.packing.CopyPartTokens`): it becomes ``tokens.bin`` by a hard link,
+    and ``add_shard`` only records the documents."""
+
+    def __init__(self, out_dir: str | Path | DataFolder, vocab_size: int, tokens_file: str | None = None) -> None:
         self.folder = as_folder(out_dir)
         self.folder.makedirs("", exist_ok=True)
         self.dtype = token_dtype(vocab_size)
-        self._f = self.folder.open("tokens.bin.tmp", "wb")
+        self.tokens_file = tokens_file
+        self._f = None if tokens_file else self.folder.open("tokens.bin.tmp", "wb")
         self.offsets: list[int] = []
         self.lengths: list[int] = []
         self.n_tokens = 0
 
     def add(self, ids: list[int] | np.ndarray) -> None:
+        if self._f is None:
+            raise ValueError("this shard's tokens were written beforehand: only whole shards can be added")
         arr = np.asarray(ids, dtype=self.dtype)
         self._f.write(arr.tobytes())
         self.offsets.append(self.n_tokens)
@@ -58,7 +66,7 @@ class ShardWriter:
         chunks: memory stays flat however large the shard (no memory map, no whole-file copy)."""
         if np.dtype(shard.meta["dtype"]) != self.dtype:
             raise ValueError(f"cannot append {shard.meta['dtype']} tokens to a {self.dtype} shard")
-        if shard.meta["tokens"]:
+        if shard.meta["tokens"] and self._f is not None:
             with shard.folder.open("tokens.bin", "rb") as f:
                 shutil.copyfileobj(f, self._f, COPY_TOKENS * self.dtype.itemsize)
         lengths = shard.index[:, 1].astype(np.int64)
@@ -67,7 +75,10 @@ class ShardWriter:
         self.n_tokens += int(lengths.sum())
 
     def close(self, metadata: dict[str, Any]) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+        else:
+            self._link_tokens()
         index = np.stack([np.asarray(self.offsets, dtype=np.int64), np.asarray(self.lengths, dtype=np.int64)], axis=1) \
             if self.offsets else np.zeros((0, 2), dtype=np.int64)
         with self.folder.open("index.npy.tmp", "wb") as f:
@@ -77,6 +88,21 @@ class ShardWriter:
             f.write(json.dumps(meta, indent=2) + "\n")
         for name in ("tokens.bin", "index.npy", "metadata.json"):  # metadata last: its presence means "complete"
             self.folder.mv(f"{name}.tmp", name)
+
+
+    def _link_tokens(self) -> None:
+        """``tokens.bin.tmp`` as a hard link to the prewritten stream, after checking its length
+        (a rerun links the same file again: nothing is copied, nothing is lost)."""
+        tmp = self.folder.resolve_paths("tokens.bin.tmp")
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if not os.path.exists(self.tokens_file) and not self.n_tokens:
+            open(self.tokens_file, "ab").close()  # no task had tokens to write
+        size, expected = os.path.getsize(self.tokens_file), self.n_tokens * self.dtype.itemsize
+        if size != expected:
+            raise UserError(f"{self.tokens_file} holds {size} bytes of tokens, the parts {expected}: remove "
+                            "the output's .work folder and run the same command again")
+        os.link(self.tokens_file, tmp)
 
 
 class Shard:
