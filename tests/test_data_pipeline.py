@@ -129,3 +129,36 @@ def test_killed_prepare_resumes_to_identical_shards(tiny_tokenizer, tmp_path, mo
         for name in ("tokens.bin", "index.npy"):
             assert (tmp_path / "straight" / split / name).read_bytes() == (tmp_path / "resumed" / split / name).read_bytes()
     assert not (tmp_path / "resumed" / ".work").exists()
+
+
+def test_a_prewritten_token_stream_becomes_the_shard_by_link_after_its_length_is_checked(tmp_path):
+    """The merge's parallel path: parts' tokens already concatenated by the copy stage are linked, not
+    copied, and a stream whose length does not match the parts is refused, never written as a shard."""
+    from codefoundry.data.shards import ShardWriter
+    from codefoundry.errors import UserError
+
+    parts = []
+    for r, docs in enumerate(([[1, 2, 3], [4]], [[5, 6]])):
+        w = ShardWriter(tmp_path / "parts" / str(r), 512)
+        for d in docs:
+            w.add(d)
+        w.close({})
+        parts.append(Shard(tmp_path / "parts" / str(r)))
+    stream = tmp_path / "stream.bin"
+    stream.write_bytes(np.arange(1, 7, dtype=np.uint16).tobytes())
+    w = ShardWriter(tmp_path / "out", 512, tokens_file=str(stream))
+    for p in parts:
+        w.add_shard(p)
+    w.close({})
+    out = Shard(tmp_path / "out")
+    assert [out.document(i).tolist() for i in range(len(out))] == [[1, 2, 3], [4], [5, 6]]
+    assert (tmp_path / "out" / "tokens.bin").stat().st_ino == stream.stat().st_ino
+    with pytest.raises(ValueError, match="written beforehand"):
+        w.add([7])
+    stream.write_bytes(stream.read_bytes()[:-2])  # one token short
+    short = ShardWriter(tmp_path / "short", 512, tokens_file=str(stream))
+    for p in parts:
+        short.add_shard(p)
+    with pytest.raises(UserError, match="run the same command again"):
+        short.close({})
+    assert not (tmp_path / "short" / "metadata.json").exists()
