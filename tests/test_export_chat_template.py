@@ -1,5 +1,5 @@
 """An imported chat model keeps its own template through import and export: transformers' apply_chat_template on
-the HF export, the GGUF's template (and llama.cpp's formatter where installed) give the prompt `codefoundry chat`
+the HF export, the GGUF's template rendered as llama.cpp --jinja renders it give the prompt `codefoundry chat`
 renders, and chat stops on the model's own end-of-turn token."""
 
 from __future__ import annotations
@@ -77,12 +77,14 @@ def test_gguf_export_carries_the_template_and_roles(imported_chat_model):
     assert field("tokenizer.ggml.eos_token_id") == tok.tk.token_to_id("<|im_end|>")
     assert field("tokenizer.ggml.eot_token_id") == tok.special_ids[sp.ASSISTANT_END]
     assert field("tokenizer.ggml.fim_pre_token_id") == tok.tk.token_to_id("<|fim_prefix|>")
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    # The template travels as text: rendered the way llama.cpp's --jinja and transformers render one (a sandboxed
+    # Jinja environment), it must give the ids `codefoundry chat` feeds the model.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    llm = llama_cpp.Llama(model_path=str(tmp / "m.gguf"), vocab_only=True, verbose=False)
-    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
-                                    bos_token="<|endoftext|>", add_generation_prompt=True)
-    prompt = formatter(messages=CONVERSATION[:2]).prompt
-    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        field("tokenizer.chat_template"))
+    prompt = template.render(messages=CONVERSATION[:2], add_generation_prompt=True, bos_token="<|endoftext|>",
+                             eos_token="<|im_end|>")
+    tok.tk.encode_special_tokens = False  # the rendered text's special tokens are real ones, as in llama.cpp
+    ids = tok.tk.encode(prompt, add_special_tokens=False).ids
     assert ids == render_chat(tok, CONVERSATION[:2], add_generation_prompt=True).ids
