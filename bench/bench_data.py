@@ -23,7 +23,8 @@ every file of the eight recipe languages by extension (``.py .pyi``, ``.js .mjs 
 files there are read too and their rows kept only in those languages. Nothing is copied or
 repeated to reach a size: the corpus is what is installed (about 0.38 GB in this project's venv).
 
-With ``RAYON_NUM_THREADS=1`` and one worker every figure is per core. Without ``--tokenizer`` a
+With ``RAYON_NUM_THREADS=1 FASTOKENS_BPE_THREADS=1`` (fastokens encodes on threads of its own,
+~1.3 cores with the first alone) and one worker every figure is per core. Without ``--tokenizer`` a
 vocab-8192 BPE is trained on the sample first (not timed).
 """
 

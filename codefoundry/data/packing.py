@@ -5,7 +5,8 @@ format plus ``docs.npy``: a stable key, the original UTF-8 bytes, language and s
 document). A part is complete once its ``metadata.json`` exists, and datatrove does not rerun
 a finished rank, so a killed prepare resumes without redoing or duplicating parts.
 :func:`merge_parts` then concatenates parts in rank order into the single shard per split the
-loader reads, applying the ``--max-tokens`` budget and building per-domain validation sets.
+loader reads, applying the ``--max-tokens`` budget and building per-domain validation sets; for
+a local output the token copy itself runs first, in parallel (:class:`CopyPartTokens`).
 """
 
 from __future__ import annotations
