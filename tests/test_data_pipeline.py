@@ -131,9 +131,10 @@ def test_killed_prepare_resumes_to_identical_shards(tiny_tokenizer, tmp_path, mo
     assert not (tmp_path / "resumed" / ".work").exists()
 
 
-def test_a_prewritten_token_stream_becomes_the_shard_by_link_after_its_length_is_checked(tmp_path):
-    """The merge's parallel path: parts' tokens already concatenated by the copy stage are linked, not
-    copied, and a stream whose length does not match the parts is refused, never written as a shard."""
+def test_a_prewritten_token_stream_becomes_the_shard_by_link_after_its_length_is_checked(tmp_path, monkeypatch):
+    """The merge's parallel path: parts' tokens already concatenated by the copy stage are linked (copied
+    where hard links fail), and a stream whose length does not match the parts is refused, never
+    written as a shard."""
     from codefoundry.data.shards import ShardWriter
     from codefoundry.errors import UserError
 
@@ -153,6 +154,12 @@ def test_a_prewritten_token_stream_becomes_the_shard_by_link_after_its_length_is
     out = Shard(tmp_path / "out")
     assert [out.document(i).tolist() for i in range(len(out))] == [[1, 2, 3], [4], [5, 6]]
     assert (tmp_path / "out" / "tokens.bin").stat().st_ino == stream.stat().st_ino
+    monkeypatch.setattr("os.link", lambda *a: (_ for _ in ()).throw(PermissionError("no hard links here")))
+    copied = ShardWriter(tmp_path / "copied", 512, tokens_file=str(stream))
+    for p in parts:
+        copied.add_shard(p)
+    copied.close({})
+    assert (tmp_path / "copied" / "tokens.bin").read_bytes() == stream.read_bytes()
     with pytest.raises(ValueError, match="written beforehand"):
         w.add([7])
     stream.write_bytes(stream.read_bytes()[:-2])  # one token short

@@ -91,8 +91,8 @@ class ShardWriter:
 
 
     def _link_tokens(self) -> None:
-        """``tokens.bin.tmp`` as a hard link to the prewritten stream, after checking its length
-        (a rerun links the same file again: nothing is copied, nothing is lost)."""
+        """``tokens.bin.tmp`` as a hard link to the prewritten stream (a copy where the filesystem has
+        no hard links), after checking its length; a rerun links the same file again."""
         tmp = self.folder.resolve_paths("tokens.bin.tmp")
         if os.path.lexists(tmp):
             os.remove(tmp)
@@ -102,7 +102,10 @@ class ShardWriter:
         if size != expected:
             raise UserError(f"{self.tokens_file} holds {size} bytes of tokens, the parts {expected}: remove "
                             "the output's .work folder and run the same command again")
-        os.link(self.tokens_file, tmp)
+        try:
+            os.link(self.tokens_file, tmp)
+        except OSError:  # a filesystem without hard links (FAT, some network shares): copy
+            shutil.copyfile(self.tokens_file, tmp)
 
 
 class Shard:
