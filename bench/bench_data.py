@@ -11,9 +11,10 @@ and CPU time of the command and every process it starts: memory is the peak of t
 single process and the peak of their sum; its CPU seconds (interpreter start-up included, a
 process that ends loses at most its last 0.2 s) cross-check the recorded ones. Runs of
 different worker counts are interleaved (1, 2, 1, 2...) and each count keeps its best, so a
-burst of load elsewhere hits both alike. Per-filter and tokenizer rates, and a plain ``datasketch`` MinHash + MinHashLSH loop
-for comparison with the MinHash stages, are measured in this process on the first ``--sample-mb``
-of the corpus. Several ``--source`` folders are read as one corpus (a folder of symlinks).
+burst of load elsewhere hits both alike. Per-filter and tokenizer rates, and a plain
+``datasketch`` MinHash + MinHashLSH loop for comparison with the MinHash stages, are measured in
+this process on the first ``--sample-mb`` of the corpus. Several ``--source`` folders are read as
+one corpus (a folder of symlinks).
 
 ``--installed`` is the corpus of real code from the packages installed in this interpreter's
 environment: its ``site-packages`` (for the project's venv, ``.venv/lib/python3.X/site-packages``),
@@ -181,7 +182,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", action="append", default=[], help="folder of code (repeatable; default: stdlib)")
     ap.add_argument("--installed", action="store_true",
-                    help="the corpus of installed packages: this environment's site-packages, the eight recipe languages")
+                    help="the corpus of installed packages: this environment's site-packages, "
+                         "the eight recipe languages")
     ap.add_argument("--languages", default="", help="comma-separated languages to keep (default: all; "
                                                       "with --installed: " + ",".join(RECIPE_LANGUAGES) + ")")
     ap.add_argument("--tokenizer", default=None)
@@ -252,7 +254,8 @@ def main() -> None:
                   f"{mb / cpu:.1f} MB/s per core ({cpu:.1f} CPU s; {min(m.cpu_seconds for _, m in runs[workers]):.1f} "
                   f"with start-up, all processes, from /proc); peak RSS "
                   f"{max(m.total for _, m in runs[workers]) / 2**20:,.0f} MiB all processes, "
-                  f"{max(m.largest for _, m in runs[workers]) / 2**20:,.0f} MiB largest process (best of {args.repeat}; "
+                  f"{max(m.largest for _, m in runs[workers]) / 2**20:,.0f} MiB largest process "
+                  f"(best of {args.repeat}; "
                   f"walls {walls} s)")
             print(stage_table(timings, mb))
             if workers == worker_counts[0]:
@@ -265,7 +268,8 @@ def main() -> None:
             print(f"\n{workers} workers vs {base}: {best_wall[base] / best_wall[workers]:.2f}x wall "
                   f"(best {best_wall[workers]:.1f} s vs {best_wall[base]:.1f} s); "
                   f"{best_crit[base] / best_crit[workers]:.2f}x by CPU critical path "
-                  f"({best_crit[workers]:.1f} s vs {best_crit[base]:.1f} s: the wall ratio with a free core per worker)")
+                  f"({best_crit[workers]:.1f} s vs {best_crit[base]:.1f} s: "
+                  "the wall ratio with a free core per worker)")
         print(f"load average after the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print("\n" + summary_table(result))
 

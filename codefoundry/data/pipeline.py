@@ -269,7 +269,8 @@ def run_stages(stages: list[Stage], work: DataFolder, workers: int, show_progres
                     busy = {}  # Ray's workers are not ours to time
                 if executor.get_incomplete_ranks():
                     raise UserError(f"data stage {stage.name!r} did not finish; its logs are in "
-                                    f"{work.resolve_paths(stage_logs_rel(stage))}; run the same command again to resume")
+                                    f"{work.resolve_paths(stage_logs_rel(stage))}; "
+                                    "run the same command again to resume")
                 progress.update(stage.tasks)
                 own = cpu_seconds() - own
                 workers_cpu += sum(busy.values())
