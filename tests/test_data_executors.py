@@ -97,9 +97,8 @@ def test_a_failing_task_stops_the_stage_and_its_workers(tmp_path):
 
     executor = QuietLocalExecutor([partial(fail_on_rank_1, pids=tmp_path)], tasks=3, workers=2,
                                   logging_dir=str(tmp_path / "logs"))
-    with pytest.raises(RuntimeError, match="task 1 broke"):
-        with StagePool(2) as pool:
-            pool.run(executor)
+    with pytest.raises(RuntimeError, match="task 1 broke"), StagePool(2) as pool:
+        pool.run(executor)
     assert 1 in executor.get_incomplete_ranks()  # a rerun redoes it
     workers = {int(p.read_text()) for p in tmp_path.glob("*.pid")}
     assert os.getpid() not in workers  # the tasks ran in the pool's processes...

@@ -20,8 +20,8 @@ def client():
 
 
 def test_completion_stream_carries_the_unstreamed_logprobs(client):
-    kw = dict(model="tiny", prompt="def add(a, b):", max_tokens=16, temperature=0, logprobs=2, echo=True,
-              extra_body={"ignore_eos": True})
+    kw = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 16, "temperature": 0, "logprobs": 2,
+          "echo": True, "extra_body": {"ignore_eos": True}}
     full = client.completions.create(**kw).choices[0]
     tokens, logprobs, top, offsets, text = [], [], [], [], ""
     for chunk in client.completions.create(**kw, stream=True):
@@ -51,8 +51,8 @@ def test_completion_stream_with_n_keeps_each_choice_apart(client):
 
 
 def test_chat_stream_carries_the_unstreamed_logprobs(client):
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "write a loop"}], max_tokens=12, temperature=0,
-              logprobs=True, top_logprobs=3)
+    kw = {"model": "tiny", "messages": [{"role": "user", "content": "write a loop"}], "max_tokens": 12,
+          "temperature": 0, "logprobs": True, "top_logprobs": 3}
     full = client.chat.completions.create(**kw)
     expected = full.choices[0].logprobs.content
     content, text = [], ""

@@ -109,13 +109,13 @@ class StagePool:
         self._pool: Any = None
         self._tied = tied_to_this_process()
 
-    def __enter__(self) -> "StagePool":
+    def __enter__(self) -> StagePool:
         self._tied.__enter__()
         if self.workers > 1:
             self._pool = multiprocess.get_context("fork").Pool(self.workers)
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
             if self._pool is not None:
                 if exc_type is None:
@@ -189,6 +189,6 @@ class tied_to_this_process:
         global _die_with_parent
         _die_with_parent = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         global _die_with_parent
         _die_with_parent = False
